@@ -1,0 +1,143 @@
+"""The prompt expander: a causal language model (optionally with a LoRA adapter) that rewrites a short prompt.
+
+One implementation shared by the pipeline, the ComfyUI nodes and training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .hub import local_folder
+
+# The instruction the Parrot paper used to fine-tune its prompt expansion network.
+DEFAULT_TEMPLATE = (
+    "Input: {prompt}. This is a text input for image generation. Expand prompt for improving image quality. Output: "
+)
+PROMPT_PLACEHOLDER = "{prompt}"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class ExpanderConfig:
+    """How the expander is prompted and how it generates; stored in a bundle's ``parrot_config.json``."""
+
+    base_model: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    max_new_tokens: int = 77
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.template.count(PROMPT_PLACEHOLDER) != 1:
+            raise ValueError(
+                f"expander `template` must contain {PROMPT_PLACEHOLDER!r} exactly once, got {self.template!r}."
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"expander `max_new_tokens` must be an integer ≥ 1, got {self.max_new_tokens!r}.")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"expander `temperature` must be a finite number > 0, got {self.temperature!r}.")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"expander `top_k` must be an integer ≥ 0 (0 disables it), got {self.top_k!r}.")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"expander `top_p` must be in (0, 1], got {self.top_p!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpanderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown expander setting(s) {unknown}; allowed: {sorted(known)}.")
+        return cls(**data)
+
+    def instruction(self, prompt: str) -> str:
+        return self.template.replace(PROMPT_PLACEHOLDER, prompt)
+
+
+def compose_expanded_prompt(identifiers: Sequence[str], expansion: str) -> str:
+    """The text of the expanded branch ``ĉ``: reward identifiers, then the expansion, joined with ", "."""
+    return ", ".join([*identifiers, expansion] if expansion else identifiers)
+
+
+@torch.no_grad()
+def expand_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: ExpanderConfig,
+    seed: int | None = None,
+) -> list[str]:
+    """Expand a batch of prompts in one ``generate`` call; returns only the newly generated text of each.
+
+    Sampling draws from torch's RNG, forked and seeded with ``seed`` when one is given, so the same seed gives the
+    same expansions and the caller's RNG state is left untouched.
+    """
+    inputs = tokenizer(
+        [config.instruction(prompt) for prompt in prompts], return_tensors="pt", padding=True, padding_side="left"
+    ).to(model.device)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sequences = model.generate(
+            **inputs,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=config.do_sample,
+            temperature=config.temperature if config.do_sample else None,
+            top_k=config.top_k if config.do_sample else None,
+            top_p=config.top_p if config.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME))
+
+
+def load_expander(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    use_safetensors: bool | None = None,
+    **hub_kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a folder or Hub repo.
+
+    If the folder holds a peft adapter (``adapter_config.json``), the base model named by ``base_model`` (or by the
+    adapter's own ``base_model_name_or_path``) is loaded and the adapter attached under the name ``"parrot"``. The
+    tokenizer comes from the folder when it has one, else from the base model. The tokenizer pads with its EOS token
+    when it has no pad token (GPT-2 style models), which batched generation needs.
+    """
+    folder = local_folder(path_or_repo_id, what="expander", **hub_kwargs)
+    model_folder = folder
+    if is_adapter_folder(folder):
+        with open(folder / ADAPTER_CONFIG_NAME) as file:
+            base_model = base_model or json.load(file).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(
+                f"expander adapter {str(path_or_repo_id)!r} does not name its base model; pass `base_model`."
+            )
+        model_folder = local_folder(base_model, what="expander base model", **hub_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch_dtype, use_safetensors=use_safetensors)
+    if model_folder != folder:
+        model.load_adapter(str(folder), adapter_name="parrot")
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else model_folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models saved once per session and loaded through the real ``from_pretrained`` path."""
+
+from __future__ import annotations
+
+import pytest
+
+from parrot_pipeline.tiny import save_tiny_expander, save_tiny_pipeline
+
+from .helpers import add_expander_lora, add_unet_lora, load
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """The embedded default model is built in a per-session temporary folder, not the user's cache."""
+    monkeypatch.setenv("PARROT_PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "parrot-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-vpred"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_wide(tmp_path_factory):
+    """Another architecture: cross-attention width 48 instead of 32."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-wide"), cross_attention_dim=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_expander_dir(tmp_path_factory):
+    return save_tiny_expander(tmp_path_factory.mktemp("tiny-expander"))
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, tiny_sd, tiny_expander_dir):
+    """A bundle with a random UNet LoRA and a random expander LoRA, written by ``save_parrot_weights``."""
+    pipe = load(tiny_sd)
+    pipe.load_expander(tiny_expander_dir)
+    add_unet_lora(pipe)
+    add_expander_lora(pipe)
+    target = tmp_path_factory.mktemp("bundles") / "bundle"
+    pipe.save_parrot_weights(target, reward_names=["aesthetic", "clip_score", "sentiment"])
+    return target

@@ -1,0 +1,43 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from parrot_pipeline import ParrotPipeline
+
+STEPS = 4
+SIZE = 64
+
+
+def load(path, **kwargs) -> ParrotPipeline:
+    pipe = ParrotPipeline.from_pretrained(path, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize_lora(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
+    """LoRA B starts at zero (no effect); give every LoRA matrix random values so the adapter changes outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def add_unet_lora(pipe: ParrotPipeline, seed: int = 0, rank: int = 4, alpha: int = 8, cross_attention_only=False):
+    targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"] if cross_attention_only else [
+        "to_q", "to_k", "to_v", "to_out.0"
+    ]
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    randomize_lora(pipe.unet, seed)
+
+
+def add_expander_lora(pipe: ParrotPipeline, seed: int = 1):
+    pipe.expander.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    randomize_lora(pipe.expander, seed, scale=0.5)
