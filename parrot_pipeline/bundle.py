@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.utils import validate_repo_id
@@ -162,13 +163,20 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_config: dict) -
     return kohya
 
 
-def kohya_to_diffusers(kohya_state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Convert a kohya SD 1.x/2.x UNet LoRA to diffusers naming with diffusers' own converter.
+def kohya_to_diffusers(kohya_state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Convert a kohya SD 1.x/2.x UNet LoRA to diffusers/peft naming with diffusers' own converters.
 
-    Returns the state dict and the per-module network alphas.
+    Returns the state dict (``unet.<module>.lora_A.weight`` …) and each module's kohya alpha.
     """
-    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(kohya_state_dict))
-    return state_dict, network_alphas
+    old_style, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(kohya_state_dict))
+    weights = convert_unet_state_dict_to_peft({k.removeprefix(UNET_PREFIX): v for k, v in old_style.items()})
+    alphas = convert_unet_state_dict_to_peft(
+        {k.removeprefix(UNET_PREFIX).removesuffix(".alpha"): v for k, v in network_alphas.items()}
+    )
+    return (
+        {UNET_PREFIX + key: value for key, value in weights.items()},
+        {key.removesuffix(".lora_A.weight"): alpha for key, alpha in alphas.items()},
+    )
 
 
 def check_lora_fits(unet: UNet2DConditionModel, state_dict: dict[str, torch.Tensor], base_model: str, source) -> None:

@@ -136,7 +136,7 @@ class ParrotPipeline(StableDiffusionPipeline):
         ``reward_identifiers`` defaults to ``<reward 1>`` … ``<reward K>``; ``base_model`` to the model this
         pipeline was loaded from.
         """
-        base_model = base_model or self.name_or_path
+        base_model = str(base_model or self.name_or_path or "")
         if not base_model:
             raise ValueError("`base_model` is required: this pipeline was not loaded from a named model.")
         config = ParrotConfig(
@@ -276,6 +276,8 @@ class ParrotPipeline(StableDiffusionPipeline):
             prompts, height, width, None, negative_prompt,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
         identifiers = self.selected_identifiers(reward_identifiers)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = 0.0

@@ -1,0 +1,197 @@
+"""The Parrot bundle: round trips, stock diffusers loading, the kohya copy, the custom-pipeline route, the Hub."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from parrot_pipeline import ParrotConfig, ParrotPipeline, read_bundle
+from parrot_pipeline import bundle as bundle_module
+from parrot_pipeline.bundle import (
+    CONFIG_NAME,
+    KOHYA_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    diffusers_to_kohya,
+    kohya_to_diffusers,
+    unet_lora_state_dict,
+)
+
+from .helpers import STEPS, add_expander_lora, add_unet_lora, load, seeded
+
+
+def generate(pipe, **kwargs):
+    kwargs = {"num_inference_steps": STEPS, "generator": seeded(), "output_type": "np", **kwargs}
+    return pipe(["a cat", "a dog by the sea"], **kwargs)
+
+
+def test_bundle_layout_and_config(bundle_dir, tiny_sd, tiny_expander_dir):
+    names = {p.name for p in bundle_dir.iterdir()}
+    assert {CONFIG_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, "expander", "pipeline.py", "README.md"} <= names
+    assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".")], "no temporary folder left"
+    config = json.loads((bundle_dir / CONFIG_NAME).read_text())
+    assert config["format_version"] == 1
+    assert config["base_model"] == str(tiny_sd)
+    assert config["reward_names"] == ["aesthetic", "clip_score", "sentiment"]
+    assert config["reward_identifiers"] == ["<reward 1>", "<reward 2>", "<reward 3>"]
+    assert config["expander"]["base_model"] == str(tiny_expander_dir)
+    assert "{prompt}" in config["expander"]["template"]
+    assert (bundle_dir / "expander" / "adapter_config.json").is_file(), "the expander is saved as a peft adapter"
+    card = (bundle_dir / "README.md").read_text()
+    for expected in ("library_name: diffusers", "text-to-image", "lora", "stable-diffusion", "parrot"):
+        assert expected in card
+
+
+def test_save_then_load_gives_identical_images_and_expansions(tiny_sd, tiny_expander_dir, tmp_path):
+    pipe = load(tiny_sd)
+    pipe.load_expander(tiny_expander_dir)
+    add_unet_lora(pipe, seed=5)
+    add_expander_lora(pipe, seed=6)
+    before = generate(pipe)
+    pipe.save_parrot_weights(tmp_path / "b", reward_names=["a", "b"], reward_identifiers=["<a>", "<b>"])
+
+    fresh = load(tiny_sd)
+    fresh.load_parrot_weights(tmp_path / "b")
+    after = generate(fresh, reward_identifiers=[])
+    assert after.expanded_prompts == before.expanded_prompts
+    np.testing.assert_allclose(after.images, before.images, atol=1e-5)
+    with_ids = generate(fresh)
+    assert with_ids.expanded_prompts == [f"<a>, <b>, {text}" for text in before.expanded_prompts]
+
+
+def test_stock_load_lora_weights_equals_load_parrot_weights_without_expansion(bundle_dir, tiny_sd):
+    parrot = load(tiny_sd)
+    parrot.load_parrot_weights(bundle_dir)
+    ours = generate(parrot, expansion_guidance_scale=0.0, guidance_scale=7.5).images
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(bundle_dir)
+    theirs = generate(stock, guidance_scale=7.5).images
+
+    base = generate(load(tiny_sd), guidance_scale=7.5).images
+    assert np.abs(ours - base).max() > 1e-3, "the LoRA has an effect"
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_every_lora_key_has_a_kohya_twin_with_the_right_alpha(bundle_dir):
+    diffusers_sd = load_file(bundle_dir / LORA_WEIGHT_NAME)
+    kohya_sd = load_file(bundle_dir / KOHYA_WEIGHT_NAME)
+    for key, tensor in diffusers_sd.items():
+        module = key.removeprefix("unet.").rsplit(".lora_", 1)[0]
+        kohya_module = "lora_unet_" + module.replace(".", "_")
+        twin = kohya_module + (".lora_down.weight" if ".lora_A." in key else ".lora_up.weight")
+        assert torch.equal(kohya_sd[twin], tensor)
+        assert kohya_sd[kohya_module + ".alpha"].item() == 8.0  # lora_alpha=8 of the fixture, rank 4
+    assert len(kohya_sd) == len(diffusers_sd) * 3 // 2
+
+
+def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(bundle_dir, tiny_sd):
+    via_diffusers_file = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    via_diffusers_file.load_lora_weights(bundle_dir, weight_name=LORA_WEIGHT_NAME)
+    via_kohya_file = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    via_kohya_file.load_lora_weights(bundle_dir, weight_name=KOHYA_WEIGHT_NAME)
+    for pipe in (via_diffusers_file, via_kohya_file):
+        pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(generate(via_kohya_file).images, generate(via_diffusers_file).images, atol=1e-5)
+
+
+def test_kohya_round_trip_and_rslora_alpha(tiny_sd):
+    pipe = load(tiny_sd)
+    from peft import LoraConfig
+
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["to_q"]))
+    state_dict, config = unet_lora_state_dict(pipe.unet, "default")
+    kohya = diffusers_to_kohya(state_dict, config)
+    alphas = [v.item() for k, v in kohya.items() if k.endswith(".alpha")]
+    assert alphas and all(a == pytest.approx(6 / 2 * 4) for a in alphas), "kohya alpha/rank equals peft's scaling"
+    back, kohya_alphas = kohya_to_diffusers(kohya)
+    assert all(alpha == pytest.approx(12.0) for alpha in kohya_alphas.values())
+    assert {module + ".lora_A.weight" for module in kohya_alphas} == {k.removeprefix("unet.") for k in state_dict if "lora_A" in k}
+    assert set(back) == set(state_dict)
+    assert all(torch.equal(back[k], state_dict[k]) for k in state_dict)
+
+
+def test_custom_pipeline_route(bundle_dir, tiny_sd):
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd, custom_pipeline=str(bundle_dir), trust_remote_code=True)
+    assert type(pipe).__name__ == "ParrotPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_parrot_weights(bundle_dir)
+    reference = load(tiny_sd)
+    reference.load_parrot_weights(bundle_dir)
+    out = generate(pipe)
+    assert out.expanded_prompts[0].startswith("<reward 1>, <reward 2>, <reward 3>")
+    np.testing.assert_allclose(out.images, generate(reference).images, atol=1e-6)
+
+
+def test_loading_a_second_bundle_replaces_the_first(bundle_dir, tiny_sd, tmp_path):
+    pipe = load(tiny_sd)
+    pipe.load_parrot_weights(bundle_dir)
+    pipe.load_parrot_weights(bundle_dir)
+    assert list(pipe.unet.peft_config) == ["parrot"]
+
+
+def test_save_refuses_existing_folder_without_overwrite(bundle_dir, tiny_sd, tmp_path):
+    pipe = load(tiny_sd)
+    add_unet_lora(pipe)
+    target = tmp_path / "existing"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        pipe.save_parrot_weights(target, reward_names=["a"])
+    assert (target / "keep.txt").read_text() == "user data"
+    pipe.save_parrot_weights(target, reward_names=["a"], overwrite=True)
+    assert read_bundle(target).config.reward_names == ["a"] and not (target / "keep.txt").exists()
+
+
+def test_save_refuses_non_finite_lora_and_leaves_nothing(tiny_sd, tmp_path):
+    pipe = load(tiny_sd)
+    add_unet_lora(pipe)
+    with torch.no_grad():
+        next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        pipe.save_parrot_weights(tmp_path / "nan", reward_names=["a"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_bundle_to_hub_uploads_the_folder_with_a_card_naming_the_repo(bundle_dir, tmp_path, monkeypatch):
+    """Only the two huggingface_hub calls are replaced; everything else is the real code."""
+    import shutil
+
+    folder = tmp_path / "to-push"
+    shutil.copytree(bundle_dir, folder)
+    calls = {}
+    monkeypatch.setattr(bundle_module, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
+
+    class Commit:
+        commit_url = "https://huggingface.co/me/parrot/commit/abc"
+
+    def fake_upload(**kwargs):
+        calls["upload"] = kwargs
+        calls["card"] = (kwargs["folder_path"] / "README.md").read_text()
+        return Commit()
+
+    monkeypatch.setattr(bundle_module, "upload_folder", fake_upload)
+    url = bundle_module.push_bundle_to_hub(folder, "me/parrot", private=True, token="hf_secret")
+    assert url == Commit.commit_url
+    assert calls["create"] == ("me/parrot", {"repo_type": "model", "private": True, "token": "hf_secret", "exist_ok": True})
+    assert calls["upload"]["repo_id"] == "me/parrot"
+    assert 'load_parrot_weights("me/parrot")' in calls["card"]
+    assert "hf_secret" not in calls["card"]
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="one entry per reward name"):
+        ParrotConfig(base_model="x/y", reward_names=["a", "b"], reward_identifiers=["<reward 1>"])
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ParrotConfig(base_model="x/y", reward_names=["a"], reward_identifiers=["<a>"], guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="Unknown field"):
+        ParrotConfig.from_dict({"base_model": "x/y", "reward_names": [], "reward_identifiers": [], "colour": 1})
+    with pytest.raises(ValueError, match="format_version"):
+        ParrotConfig(base_model="x/y", reward_names=[], reward_identifiers=[], format_version=99)
+
+
+def test_parrot_pipeline_is_exported():
+    assert issubclass(ParrotPipeline, DiffusionPipeline)
