@@ -232,12 +232,18 @@ class Bundle:
         return self.config.expander is not None
 
     def load_expander(self, torch_dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return load_expander(
-            self.folder / EXPANDER_FOLDER,
-            base_model=self.config.expander.base_model,
-            torch_dtype=torch_dtype,
-            use_safetensors=True,
-        )
+        try:
+            return load_expander(
+                self.folder / EXPANDER_FOLDER,
+                base_model=self.config.expander.base_model,
+                torch_dtype=torch_dtype,
+                use_safetensors=True,
+            )
+        except Exception as error:  # any failure here is the bundle's: say which file set could not be read
+            raise ValueError(
+                f"Bundle {str(self.folder)!r}: could not load the expander from {EXPANDER_FOLDER}/ "
+                f"(base model {self.config.expander.base_model!r}): {error}"
+            ) from error
 
 
 def read_bundle(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Bundle:
