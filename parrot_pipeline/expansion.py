@@ -10,15 +10,18 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .hub import local_folder
 
-# The instruction the Parrot paper used to fine-tune its prompt expansion network.
+# The instruction the Parrot paper used to fine-tune its prompt expansion network. The paper's string ends with
+# "Output: "; the trailing space is left out because byte-level BPE tokenizers (GPT-2 family) then emit the first
+# word as " word", exactly as it is tokenized in training pairs.
 DEFAULT_TEMPLATE = (
-    "Input: {prompt}. This is a text input for image generation. Expand prompt for improving image quality. Output: "
+    "Input: {prompt}. This is a text input for image generation. Expand prompt for improving image quality. Output:"
 )
 PROMPT_PLACEHOLDER = "{prompt}"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -70,15 +73,26 @@ def compose_expanded_prompt(identifiers: Sequence[str], expansion: str) -> str:
     return ", ".join([*identifiers, expansion] if expansion else identifiers)
 
 
+@dataclass
+class GeneratedExpansions:
+    """Sampled expansions with the token ids training needs for their log-probabilities."""
+
+    texts: list[str]
+    input_ids: torch.Tensor  # [B, L] instruction tokens, left-padded
+    attention_mask: torch.Tensor  # [B, L]
+    new_tokens: torch.Tensor  # [B, T] generated tokens
+    new_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+
+
 @torch.no_grad()
-def expand_prompts(
+def generate_expansions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     config: ExpanderConfig,
     seed: int | None = None,
-) -> list[str]:
-    """Expand a batch of prompts in one ``generate`` call; returns only the newly generated text of each.
+) -> GeneratedExpansions:
+    """Expand a batch of prompts in one ``generate`` call.
 
     Sampling draws from torch's RNG, forked and seeded with ``seed`` when one is given, so the same seed gives the
     same expansions and the caller's RNG state is left untouched.
@@ -100,7 +114,60 @@ def expand_prompts(
             pad_token_id=tokenizer.pad_token_id,
         )
     new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    is_eos = new_tokens == tokenizer.eos_token_id
+    new_mask = (torch.cumsum(is_eos, dim=1) - is_eos.long()) == 0
+    texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return GeneratedExpansions(texts, inputs["input_ids"], inputs["attention_mask"], new_tokens, new_mask.long())
+
+
+def expand_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: ExpanderConfig,
+    seed: int | None = None,
+) -> list[str]:
+    """Expand a batch of prompts; returns only the newly generated text of each."""
+    return generate_expansions(model, tokenizer, prompts, config, seed).texts
+
+
+def continuation_log_probs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    new_tokens: torch.Tensor,
+    new_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of the log-probabilities of ``new_tokens`` (where ``new_mask``) after each left-padded prompt, with
+    gradients: ``log p_φ(ĉ | c)`` for REINFORCE and, negated and averaged, the supervised loss."""
+    tokens = torch.cat([input_ids, new_tokens], dim=1)
+    mask = torch.cat([attention_mask, new_mask], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
+    start = input_ids.shape[1]
+    log_probs = torch.log_softmax(logits[:, start - 1 : -1].float(), dim=-1)
+    token_log_probs = log_probs.gather(2, new_tokens.unsqueeze(2)).squeeze(2)
+    return (token_log_probs * new_mask).sum(dim=1)
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], expansions: Sequence[str], config: ExpanderConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt → expansion) pairs as ``continuation_log_probs`` inputs; each expansion ends with EOS."""
+    instructions = [config.instruction(prompt) for prompt in prompts]
+    inputs = tokenizer(instructions, return_tensors="pt", padding=True, padding_side="left")
+    # The expansion continues the instruction's text: a space separates them unless the template ends with one.
+    targets = tokenizer(
+        [("" if i[-1:].isspace() else " ") + text.strip() + tokenizer.eos_token for i, text in zip(instructions, expansions)],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    )
+    return inputs["input_ids"], inputs["attention_mask"], targets["input_ids"], targets["attention_mask"]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model"))
 
 
 def is_adapter_folder(folder: str | os.PathLike) -> bool:
@@ -135,8 +202,10 @@ def load_expander(
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch_dtype, use_safetensors=use_safetensors)
     if model_folder != folder:
         model.load_adapter(str(folder), adapter_name="parrot")
-    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else model_folder)
+    tokenizer_folder = next((f for f in (folder, model_folder) if _has_tokenizer(f)), None)
+    if tokenizer_folder is None:
+        raise ValueError(f"expander {str(path_or_repo_id)!r}: no tokenizer files (tokenizer.json, vocab.json…) found.")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

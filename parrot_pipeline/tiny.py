@@ -201,23 +201,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "parrot_pipeline"))
 
 
-def default_tiny_model() -> Path:
-    """The embedded default model: the tiny pipeline with a tiny expander, built once into the cache folder.
-
-    Built in a temporary folder and renamed, so concurrent or interrupted builds never leave a partial model.
-    """
-    target = cache_dir() / f"tiny-parrot-sd-{TINY_VERSION}"
+def _build_once(target: Path, build) -> Path:
+    """Run ``build(folder)`` in a temporary folder renamed to ``target``, unless ``target`` already exists, so
+    concurrent or interrupted builds never leave a partial model."""
     if target.is_dir():
         return target
-    from .pipeline_parrot import ParrotPipeline
-
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        expander, expander_tokenizer = tiny_expander()
-        ParrotPipeline(
-            **tiny_pipeline_components(), expander=expander, expander_tokenizer=expander_tokenizer
-        ).save_pretrained(building)
+        build(building)
         os.rename(building, target)
     except OSError:
         if not target.is_dir():
@@ -225,3 +217,21 @@ def default_tiny_model() -> Path:
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return target
+
+
+def default_tiny_model() -> Path:
+    """The embedded default model: the tiny pipeline with a tiny expander, built once into the cache folder."""
+    from .pipeline_parrot import ParrotPipeline
+
+    def build(folder: Path) -> None:
+        expander, expander_tokenizer = tiny_expander()
+        ParrotPipeline(
+            **tiny_pipeline_components(), expander=expander, expander_tokenizer=expander_tokenizer
+        ).save_pretrained(folder)
+
+    return _build_once(cache_dir() / f"tiny-parrot-sd-{TINY_VERSION}", build)
+
+
+def default_tiny_expander() -> Path:
+    """The tiny expander (model and tokenizer in one folder, as ``load_expander`` takes it), built once."""
+    return _build_once(cache_dir() / f"tiny-expander-{TINY_VERSION}", save_tiny_expander)

@@ -39,5 +39,7 @@ def add_unet_lora(pipe: ParrotPipeline, seed: int = 0, rank: int = 4, alpha: int
 
 
 def add_expander_lora(pipe: ParrotPipeline, seed: int = 1):
-    pipe.expander.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    pipe.expander.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    )
     randomize_lora(pipe.expander, seed, scale=0.5)

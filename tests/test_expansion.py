@@ -14,7 +14,7 @@ from parrot_pipeline.tiny import tiny_clip_tokenizer, tiny_gpt2_tokenizer
 
 def test_default_template_is_the_papers_instruction():
     assert ExpanderConfig().instruction("a cat") == (
-        "Input: a cat. This is a text input for image generation. Expand prompt for improving image quality. Output: "
+        "Input: a cat. This is a text input for image generation. Expand prompt for improving image quality. Output:"
     )
     assert DEFAULT_TEMPLATE.count("{prompt}") == 1
 

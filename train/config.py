@@ -1,0 +1,221 @@
+"""Training configuration: one dataclass, YAML presets in ``configs/``, ``key=value`` overrides on the command line.
+
+Every field is checked before any model loads; an unknown key gets the nearest known name as a hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODES = ("parrot", "dpok", "ddpo")
+ADVANTAGES = ("raw", "batch", "per_prompt")
+LORA_TARGETS = {
+    # the paper updates only the UNet's cross-attention layers
+    "cross_attention": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+}
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a run. Defaults are the paper-faithful Parrot mode; presets live in ``configs/``."""
+
+    # --- run ---------------------------------------------------------------------------------------------------
+    mode: str = "parrot"  # parrot (Pareto multi-reward) | dpok (KL-regularised PG) | ddpo (PPO)
+    output_dir: str = "outputs/run"
+    overwrite: bool = False  # replace an existing output_dir
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    mixed_precision: str = "no"  # no | fp16 | bf16: UNet and text encoder weights; log-probs stay float32
+
+    # --- models ------------------------------------------------------------------------------------------------
+    pretrained_model: str = "tiny"  # a diffusers folder or Hub id; "tiny": the embedded offline model
+    expander_model: str | None = "tiny"  # causal LM folder or Hub id; "tiny"; null: no prompt expansion
+    expander_template: str | None = None  # instruction with {prompt}; null: the paper's instruction
+    expander_max_new_tokens: int = 77
+
+    # --- data and rewards --------------------------------------------------------------------------------------
+    prompts: str = "train/data/quickstart_prompts.txt"  # training prompts, txt (one per line) or JSONL "prompt"
+    eval_prompts: str = "train/data/quickstart_eval_prompts.txt"  # held-out prompts for the final evaluation
+    rewards: list[str] = field(default_factory=lambda: ["jpeg_compressibility", "colorfulness"])
+    reward_weights: list[float] | None = None  # dpok/ddpo: weighted sum (default equal weights); parrot: unused
+    reward_identifiers: list[str] | None = None  # parrot: default "<reward 1>" … "<reward K>"
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+    resolution: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    images_per_prompt: int = 8  # N: images per prompt (per identifier in parrot mode) each iteration
+    iterations: int = 100
+
+    # --- policy gradient ---------------------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.1
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = None  # gradient-norm clipping; null: off
+    train_batch_size: int = 8  # samples per gradient pass
+    timestep_fraction: float = 1.0  # train on a random fraction of each trajectory's timesteps
+    accumulate_timesteps: bool = True  # one optimiser step per batch after all timesteps (else one per timestep)
+    advantage: str = "raw"  # raw (paper) | batch (normalise per reward over the batch) | per_prompt (DDPO)
+    advantage_clip: float = 5.0  # for normalised advantages
+    clip_range: float | None = None  # PPO ratio clipping; null: off
+    kl_beta: float = 0.0  # DPOK's KL to the pretrained UNet; 0: off
+    reward_scale: float = 1.0  # DPOK's α
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # null: equal to the rank
+    lora_targets: str = "cross_attention"  # cross_attention (paper) | attention (self + cross)
+    train_unet: bool = True  # false: the paper's expander-only ablation
+
+    # --- expander ----------------------------------------------------------------------------------------------
+    freeze_expander: bool = False  # true: the paper's T2I-only ablation
+    expander_learning_rate: float = 1e-5
+    expander_lora_rank: int = 8
+    expander_sft_data: str | None = None  # JSONL of {"prompt", "expansion"} for the supervised stage; null: skip
+    expander_sft_epochs: int = 3
+    expander_sft_learning_rate: float = 1e-3
+    expander_sft_batch_size: int = 16
+
+    # --- evaluation and logging --------------------------------------------------------------------------------
+    eval_every: int = 10  # sample grid every N iterations (0: only at the end)
+    eval_images_per_prompt: int = 4
+    eval_expansion_guidance_scale: float = 5.0  # w2 of the final evaluation; w1 is guidance_scale
+
+    def __post_init__(self):
+        check_config(self)
+
+    @property
+    def lora_alpha_value(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def uses_expander(self) -> bool:
+        return self.mode == "parrot" and self.expander_model is not None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fail(name: str, value, allowed: str):
+    raise ValueError(f"config `{name}` = {value!r} is not allowed: {allowed}.")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Range and consistency checks, each naming the field and what is allowed."""
+    if config.mode not in MODES:
+        _fail("mode", config.mode, f"use one of {list(MODES)}")
+    if config.advantage not in ADVANTAGES:
+        _fail("advantage", config.advantage, f"use one of {list(ADVANTAGES)}")
+    if config.lora_targets not in LORA_TARGETS:
+        _fail("lora_targets", config.lora_targets, f"use one of {list(LORA_TARGETS)}")
+    if config.mixed_precision not in PRECISIONS:
+        _fail("mixed_precision", config.mixed_precision, f"use one of {list(PRECISIONS)}")
+    for name in ("learning_rate", "expander_learning_rate", "expander_sft_learning_rate", "adam_epsilon"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            _fail(name, value, "a finite number > 0")
+    for name in ("iterations", "images_per_prompt", "num_inference_steps", "train_batch_size", "lora_rank",
+                 "expander_lora_rank", "expander_max_new_tokens", "eval_images_per_prompt", "expander_sft_epochs",
+                 "expander_sft_batch_size"):  # fmt: skip
+        if getattr(config, name) < 1:
+            _fail(name, getattr(config, name), "an integer ≥ 1")
+    if config.eval_every < 0:
+        _fail("eval_every", config.eval_every, "an integer ≥ 0")
+    if config.resolution < 8 or config.resolution % 8:
+        _fail("resolution", config.resolution, "a positive multiple of 8")
+    if not (math.isfinite(config.eta) and 0 < config.eta <= 1):
+        _fail("eta", config.eta, "in (0, 1]: policy-gradient modes need a stochastic sampler (eta > 0)")
+    if not 0 < config.timestep_fraction <= 1:
+        _fail("timestep_fraction", config.timestep_fraction, "in (0, 1]")
+    for name in ("guidance_scale", "kl_beta", "weight_decay", "eval_expansion_guidance_scale", "advantage_clip"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            _fail(name, value, "a finite number ≥ 0")
+    for name in ("clip_range", "max_grad_norm"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            _fail(name, value, "null (off) or a finite number > 0")
+    if not 0 <= config.adam_beta1 < 1 or not 0 <= config.adam_beta2 < 1:
+        _fail("adam_beta1/adam_beta2", (config.adam_beta1, config.adam_beta2), "each in [0, 1)")
+    if len(config.rewards) == 0:
+        _fail("rewards", config.rewards, "at least one reward name")
+    if len(set(config.rewards)) != len(config.rewards):
+        _fail("rewards", config.rewards, "each reward once")
+    from .rewards import resolve_reward
+
+    for name in config.rewards:
+        resolve_reward(name)
+    if config.reward_weights is not None and len(config.reward_weights) != len(config.rewards):
+        _fail("reward_weights", config.reward_weights, f"one weight per reward ({len(config.rewards)})")
+    if config.reward_identifiers is not None and len(config.reward_identifiers) != len(config.rewards):
+        _fail("reward_identifiers", config.reward_identifiers, f"one identifier per reward ({len(config.rewards)})")
+    if config.mode == "parrot" and config.reward_weights is not None:
+        _fail("reward_weights", config.reward_weights, "null in parrot mode (Pareto selection uses no weights)")
+    if config.mode == "parrot" and len(config.rewards) < 2:
+        _fail("rewards", config.rewards, "at least two rewards in parrot mode (Pareto selection needs K ≥ 2)")
+    if not config.train_unet and (config.freeze_expander or not config.uses_expander):
+        _fail("train_unet", False, "true unless an expander is trained (freeze_expander: false, parrot mode)")
+
+
+def _coerce(name: str, hint, value):
+    """Check ``value`` against a field's type hint (bool, int, float, str, lists, Optional)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise TypeError(f"config `{name}` must not be null.")
+    for option in options:
+        origin = typing.get_origin(option)
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, list):
+            (item_type,) = typing.get_args(option)
+            return [_coerce(f"{name}[{i}]", item_type, item) for i, item in enumerate(value)]
+    readable = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise TypeError(f"config `{name}` must be {readable}, got {value!r} ({type(value).__name__}).")
+
+
+def build_config(values: dict) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    for key in values:
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            suggestion = f" Did you mean `{close[0]}`?" if close else ""
+            raise ValueError(f"Unknown config key `{key}`.{suggestion}")
+    return TrainConfig(**{key: _coerce(key, hints[key], value) for key, value in values.items()})
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as YAML (``lr=1e-4``, ``rewards=[a,b]``, ``clip_range=null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"Override {text!r} must look like key=value.")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    values = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}.")
+    values.update(parse_override(item) for item in overrides)
+    return build_config(values)

@@ -1,0 +1,92 @@
+"""What a run writes: the metrics JSONL, sample grids, reward curves, the Pareto-front plot, the final table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from .pareto import non_dominated_mask  # noqa: E402
+
+
+class MetricsWriter:
+    """Appends one JSON object per iteration; each line is flushed so a crash loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=columns, padding=2)
+
+
+def plot_rewards(history: list[dict], reward_names: list[str], path: Path) -> None:
+    """Each reward's batch mean per iteration, with a moving average."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(1, len(reward_names), figsize=(4 * len(reward_names), 3.2), squeeze=False)
+    iterations = [record["iteration"] for record in history]
+    for axis, name in zip(axes[0], reward_names):
+        values = [record[f"reward/{name}"] for record in history]
+        window = max(1, len(values) // 10)
+        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                  for i in range(len(values))]  # fmt: skip
+        axis.plot(iterations, values, alpha=0.35, label="batch mean")
+        axis.plot(iterations, smooth, label=f"moving average ({window})")
+        axis.set_title(name)
+        axis.set_xlabel("iteration")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_pareto(batches: dict[str, tuple[torch.Tensor, torch.Tensor]], reward_names: list[str], path: Path) -> None:
+    """Reward vectors of the first and last iteration's batches with their non-dominated fronts.
+
+    One panel per pair of rewards (K > 2 gives the pairwise panels); the front drawn is the one of that pair.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [(i, j) for i in range(len(reward_names)) for j in range(i + 1, len(reward_names))]
+    figure, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    for axis, (i, j) in zip(axes[0], pairs):
+        for label, (rewards, _), colour in zip(batches, batches.values(), ("tab:blue", "tab:orange")):
+            points = rewards[:, [i, j]]
+            points = points[torch.isfinite(points).all(dim=1)]
+            front = points[non_dominated_mask(points)]
+            front = front[torch.argsort(front[:, 0])]
+            axis.scatter(points[:, 0], points[:, 1], s=12, alpha=0.5, color=colour, label=f"{label} iteration")
+            axis.plot(front[:, 0], front[:, 1], "-o", ms=4, color=colour, label=f"{label} front")
+        axis.set_xlabel(reward_names[i])
+        axis.set_ylabel(reward_names[j])
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def evaluation_table(results: dict, reward_names: list[str]) -> str:
+    """The final held-out comparison as a Markdown table."""
+    header = "| model | " + " | ".join(reward_names) + " | hypervolume |"
+    rule = "|---" * (len(reward_names) + 2) + "|"
+    rows = []
+    for label, result in results.items():
+        means = " | ".join(f"{result['means'][name]:.4g}" for name in reward_names)
+        rows.append(f"| {label} | {means} | {result['hypervolume']:.4f} |")
+    gain = results["trained"]["hypervolume"] - results["base"]["hypervolume"]
+    sign = "+" if gain >= 0 else ""
+    return "\n".join([header, rule, *rows, f"\nhypervolume gain (trained − base): {sign}{gain:.4f}"]) + (
+        "" if math.isfinite(gain) else "\n(non-finite: some rewards were not finite)"
+    )

@@ -1,0 +1,178 @@
+"""Diffusion sampling as a policy: DDIM trajectories with per-step log-probabilities, and their recomputation.
+
+Each DDIM step with ``eta > 0`` is a Gaussian ``x_{t-1} ~ N(μ_θ(x_t, t, c), σ_t² I)``; its mean comes from diffusers'
+own ``DDIMScheduler.step`` (so epsilon and v-prediction, clipping and thresholding behave exactly as at inference)
+and ``σ_t = eta · sqrt(posterior variance)``. The log-probability is the Gaussian log-density **averaged over the
+latent elements** (as in the DDPO reference code, which is why PPO clip ranges are small, ~1e-4); sampling and
+training use this same function, always in float32. Guidance is part of the policy: the mean is computed from the
+classifier-free-guided prediction on the (identifier-prefixed, expanded) prompt, with the project's one guidance
+function.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from parrot_pipeline import ParrotPipeline, parrot_guidance
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def ddim_std(scheduler: DDIMScheduler, timestep: int, eta: float) -> torch.Tensor:
+    """σ_t of the DDIM step from ``timestep``: ``eta`` times the square root of the DDIM posterior variance."""
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    return eta * variance.float().sqrt()
+
+
+def ddim_step_with_log_prob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take (or, given ``prev_sample``, score) one DDIM step. Returns ``(prev_sample, log_prob [N])`` in float32."""
+    model_output, sample = model_output.float(), sample.float()
+    mean = scheduler.step(
+        model_output, timestep, sample, eta=eta, variance_noise=torch.zeros_like(sample), return_dict=False
+    )[0]
+    std = ddim_std(scheduler, timestep, eta).to(sample.device)
+    if prev_sample is None:
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = mean + std * noise
+    log_prob = -((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def guided_noise(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free-guided UNet prediction, both branches in one batched call."""
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(unet.dtype)
+    output = unet(model_input, timestep, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    uncond, cond = output.chunk(2)
+    return parrot_guidance(uncond, cond, None, guidance_scale, 0.0)
+
+
+@dataclass
+class Trajectories:
+    """A batch of sampled denoising chains and everything needed to recompute their log-probs."""
+
+    latents: torch.Tensor  # [N, T + 1, C, H, W] float32, x_T … x_0
+    log_probs: torch.Tensor  # [N, T] float32, log p(x_{t-1} | x_t) at sampling time
+    timesteps: torch.Tensor  # [T]
+    prompt_embeds: torch.Tensor  # [N, L, D]
+    negative_embeds: torch.Tensor  # [N, L, D]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def select(self, index: torch.Tensor) -> Trajectories:
+        """The trajectories at ``index`` (bool mask or indices) along the batch dimension."""
+        return Trajectories(
+            self.latents[index], self.log_probs[index], self.timesteps, self.prompt_embeds[index], self.negative_embeds[index]
+        )
+
+
+def encode_prompts(pipe: ParrotPipeline, prompts: list[str], negative_prompt: str | None = None):
+    """Conditional and unconditional text embeddings, with the pipeline's own prompt encoding."""
+    return pipe.encode_prompt(prompts, pipe.unet.device, 1, True, [negative_prompt or ""] * len(prompts))
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipe: ParrotPipeline,
+    scheduler: DDIMScheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    eta: float,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+) -> Trajectories:
+    """Sample one trajectory per row of ``prompt_embeds``, storing every latent and step log-prob."""
+    device = pipe.unet.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    latents = pipe.prepare_latents(
+        len(prompt_embeds), pipe.unet.config.in_channels, height, width, torch.float32, device, generator
+    )
+    all_latents, all_log_probs = [latents], []
+    for timestep in scheduler.timesteps:
+        noise = guided_noise(pipe.unet, scheduler, latents, timestep, prompt_embeds, negative_embeds, guidance_scale)
+        latents, log_prob = ddim_step_with_log_prob(scheduler, noise, timestep, latents, eta, generator=generator)
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    return Trajectories(
+        latents=torch.stack(all_latents, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1),
+        timesteps=scheduler.timesteps.clone(),
+        prompt_embeds=prompt_embeds,
+        negative_embeds=negative_embeds,
+    )
+
+
+def recompute_log_prob(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    trajectories: Trajectories,
+    step: int,
+    *,
+    guidance_scale: float,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of the stored step ``step`` (x_t → x_{t-1}) under the current ``unet``, with gradients.
+
+    Returns ``(log_prob [N], guided noise prediction)``; the prediction feeds DPOK's KL term.
+    """
+    timestep = trajectories.timesteps[step]
+    noise = guided_noise(
+        unet,
+        scheduler,
+        trajectories.latents[:, step],
+        timestep,
+        trajectories.prompt_embeds,
+        trajectories.negative_embeds,
+        guidance_scale,
+    )
+    _, log_prob = ddim_step_with_log_prob(
+        scheduler, noise, timestep, trajectories.latents[:, step], eta, prev_sample=trajectories.latents[:, step + 1]
+    )
+    return log_prob, noise
+
+
+@contextmanager
+def adapters_disabled(unet: UNet2DConditionModel):
+    """The pretrained model as a reference: the same UNet with its LoRA switched off (no second copy)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+@torch.no_grad()
+def decode_images(pipe: ParrotPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents to float images ``[N, 3, H, W]`` in [0, 1]."""
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
