@@ -1,0 +1,183 @@
+"""The training loop on the tiny model: what one iteration changes, KL, the supervised stage, outputs, faults."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from parrot_pipeline.expansion import ExpanderConfig
+from parrot_pipeline.tiny import tiny_expander
+from train.config import load_config
+from train.parrot import Trainer
+from train.sft import load_pairs, pair_loss, supervised_finetune
+
+from .helpers import load, seeded
+
+
+def small_config(tmp_path, *overrides):
+    return load_config(
+        "configs/quickstart.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}", "overwrite=false", "iterations=2", "images_per_prompt=4",
+            "num_inference_steps=3", "expander_sft_epochs=1", "eval_every=0", "eval_images_per_prompt=1",
+            "expander_max_new_tokens=8", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def nan_for_odd_rows(images, prompts, metadata):
+    values = images.mean(dim=(1, 2, 3))
+    values[1::2] = math.nan
+    return values
+
+
+def always_nan(images, prompts, metadata):
+    return torch.full((len(images),), math.nan)
+
+
+def recorded_gradients(trainer, trajectories, selected, advantages, monkeypatch):
+    grads = {}
+
+    def record(name):
+        grads.update({n: p.grad.clone() for n, p in trainer.pipe.unet.named_parameters() if p.grad is not None})
+
+    monkeypatch.setattr(trainer, "_optimizer_step", record)
+    trainer.t2i_loss_and_step(trajectories, selected, advantages)
+    return grads
+
+
+def test_one_iteration_trains_only_lora_and_only_from_the_front(tmp_path, monkeypatch):
+    trainer = Trainer(small_config(tmp_path, "expander_model=null", "timestep_fraction=1.0"))
+    prompt = "a cat in the snow"
+    trajectories, images = trainer.sample(trainer.branch_texts(prompt, prompt))
+    rewards = torch.stack([-images.mean(dim=(1, 2, 3)), images.std(dim=(1, 2, 3))], dim=1)
+    selected, advantages = trainer.select(prompt, rewards)
+    assert 0 < selected.sum() < len(selected), "the test needs samples on both sides of the front"
+
+    grads = recorded_gradients(trainer, trajectories, selected, advantages, monkeypatch)
+    assert grads and all("lora" in name for name in grads), "only LoRA parameters receive gradients"
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+    outside = (~selected).nonzero()[0, 0]
+    perturbed = trajectories.select(torch.arange(len(selected)))
+    perturbed.latents = perturbed.latents.clone()
+    perturbed.latents[outside] = torch.randn_like(perturbed.latents[outside]) * 10
+    perturbed.log_probs = perturbed.log_probs.clone()
+    perturbed.log_probs[outside] = 123.0
+    again = recorded_gradients(trainer, perturbed, selected, advantages, monkeypatch)
+    assert all(torch.equal(grads[name], again[name]) for name in grads), "a sample outside P has no effect"
+
+    inside = selected.nonzero()[0, 0]
+    perturbed.latents[inside] = perturbed.latents[inside] + 0.5
+    moved = recorded_gradients(trainer, perturbed, selected, advantages, monkeypatch)
+    assert any(not torch.equal(grads[name], moved[name]) for name in grads), "a sample in P does change it"
+
+
+def test_iteration_updates_lora_weights_and_nothing_else(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "expander_model=null"))
+    before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
+    record = trainer.train_iteration()
+    changed = {name for name, p in trainer.pipe.unet.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora" in name for name in changed)
+    assert 0 < record["front_fraction"] <= 1 and record["nonfinite_samples"] == 0
+
+
+def test_kl_is_zero_with_a_fresh_lora_and_positive_after_a_step(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "mode=dpok", "rewards=[jpeg_compressibility]", "kl_beta=0.1",
+                                   "expander_model=null", "eval_expansion_guidance_scale=0.0"))  # fmt: skip
+    trajectories, _ = trainer.sample(["a cat"])
+    with torch.no_grad():
+        from train.sampling import recompute_log_prob
+
+        _, noise = recompute_log_prob(trainer.pipe.unet, trainer.scheduler, trajectories, 1, guidance_scale=5.0, eta=1.0)
+        assert trainer.kl_to_pretrained(trajectories, 1, noise).abs().max() == 0
+    record = trainer.train_iteration()
+    assert record["kl"] == 0.0, "the first step's KL is measured before the update"
+    with torch.no_grad():
+        _, noise = recompute_log_prob(trainer.pipe.unet, trainer.scheduler, trajectories, 1, guidance_scale=5.0, eta=1.0)
+        assert (trainer.kl_to_pretrained(trajectories, 1, noise) > 0).all()
+
+
+def test_supervised_stage_lowers_the_expander_loss():
+    model, tokenizer = tiny_expander()
+    pairs = load_pairs("train/data/quickstart_expansions.jsonl")[:16]
+    config = ExpanderConfig()
+    with torch.no_grad():
+        before = pair_loss(model, tokenizer, pairs, config).item()
+    losses = supervised_finetune(model, tokenizer, pairs, config, epochs=3, learning_rate=3e-3, batch_size=8, seed=0)
+    with torch.no_grad():
+        after = pair_loss(model, tokenizer, pairs, config).item()
+    assert after < before * 0.8 and losses[-1] < losses[0]
+
+
+def test_run_writes_everything_and_the_bundle_round_trips(tmp_path, capsys):
+    config = small_config(tmp_path)
+    results = Trainer(config).run()
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1]
+    for key in ("reward/jpeg_compressibility", "reward/colorfulness", "front_fraction", "loss/t2i", "loss/expander",
+                "lr/unet", "lr/expander", "seconds", "expanded_prompt"):  # fmt: skip
+        assert key in lines[0]
+    assert (run / "plots" / "rewards.png").stat().st_size > 0 and (run / "plots" / "pareto.png").stat().st_size > 0
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    assert (run / "samples" / "eval_trained.png").is_file()
+    assert set(results) == {"base", "trained"} and "hypervolume gain" in capsys.readouterr().out
+
+    bundle = run / "bundle"
+    saved = json.loads((bundle / "parrot_config.json").read_text())
+    assert saved["method"] == "parrot" and saved["reward_names"] == ["jpeg_compressibility", "colorfulness"]
+    ours = load(saved["base_model"])
+    ours.load_parrot_weights(bundle)
+    stock = StableDiffusionPipeline.from_pretrained(saved["base_model"])
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(bundle)
+    def kwargs():
+        return {"num_inference_steps": 3, "guidance_scale": 7.5, "generator": seeded(), "output_type": "np"}
+
+    np.testing.assert_allclose(
+        ours("a cat", expansion_guidance_scale=0.0, **kwargs()).images, stock("a cat", **kwargs()).images, atol=1e-6
+    )
+    assert ours("a cat", **kwargs()).expanded_prompts[0].startswith("<reward 1>, <reward 2>, ")
+
+
+def test_non_finite_rewards_leave_the_front_and_are_counted(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "expander_model=null",
+                                   "rewards=[colorfulness, tests.test_train_loop:nan_for_odd_rows]"))  # fmt: skip
+    record = trainer.train_iteration()
+    rewards, selected = trainer.reward_batches["last"]
+    assert record["nonfinite_samples"] == len(rewards) // 2
+    assert not selected[1::2].any() and selected[0::2].any()
+
+
+def test_a_batch_with_no_finite_reward_skips_its_update(tmp_path, caplog):
+    trainer = Trainer(small_config(tmp_path, "expander_model=null",
+                                   "rewards=[colorfulness, tests.test_train_loop:always_nan]"))  # fmt: skip
+    before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
+    record = trainer.train_iteration()
+    assert record["skipped"] and record["front_fraction"] == 0
+    assert all(torch.equal(p, before[name]) for name, p in trainer.pipe.unet.named_parameters())
+    assert "skipped" in caplog.text
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
+    import train.parrot as loop
+
+    trainer = Trainer(small_config(tmp_path, "expander_model=null"))
+    monkeypatch.setattr(loop, "policy_loss", lambda *args: torch.full_like(args[0], math.inf))
+    before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
+    record = trainer.train_iteration()
+    assert record["skipped"] is True
+    assert all(torch.equal(p, before[name]) for name, p in trainer.pipe.unet.named_parameters())
+
+
+def test_existing_output_dir_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("results of another run")
+    monkeypatch.setattr("train.parrot.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        Trainer(small_config(tmp_path))
+    assert (tmp_path / "run" / "keep.txt").read_text() == "results of another run"
