@@ -21,6 +21,9 @@ LORA_TARGETS = {
     # the paper updates only the UNet's cross-attention layers
     "cross_attention": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    # every linear and convolution of the transformer and ResNet blocks
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+            "conv_shortcut", "time_emb_proj"],  # fmt: skip
 }
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -75,7 +78,7 @@ class TrainConfig:
     reward_scale: float = 1.0  # DPOK's α
     lora_rank: int = 4
     lora_alpha: float | None = None  # null: equal to the rank
-    lora_targets: str = "cross_attention"  # cross_attention (paper) | attention (self + cross)
+    lora_targets: str = "cross_attention"  # cross_attention (paper) | attention (self + cross) | all
     train_unet: bool = True  # false: the paper's expander-only ablation
 
     # --- expander ----------------------------------------------------------------------------------------------

@@ -44,3 +44,23 @@ def hypervolume(points: torch.Tensor, reference: torch.Tensor) -> float:
         if upper > lower:
             volume += hypervolume(points[: i + 1, :-1], reference[:-1]) * float(upper - lower)
     return volume
+
+
+def compare_reward_sets(matrices: dict[str, torch.Tensor], reward_names: list[str]) -> dict[str, dict]:
+    """Each set's reward means and the hypervolume of its reward vectors, on one common scale.
+
+    Every reward is rescaled to [0, 1] with its minimum and maximum over all the sets, and the reference point is
+    the origin (the worst value seen of each reward), so the hypervolumes of the sets can be compared. Rows with a
+    non-finite reward count as the worst value.
+    """
+    union = torch.cat(list(matrices.values()))
+    low = union.nan_to_num(float("inf"), float("inf"), float("inf")).min(dim=0).values
+    high = union.nan_to_num(float("-inf"), float("-inf"), float("-inf")).max(dim=0).values
+    results = {}
+    for label, matrix in matrices.items():
+        scaled = ((matrix - low) / (high - low).clamp(min=1e-12)).nan_to_num(0.0, 0.0, 0.0)
+        results[label] = {
+            "means": {name: matrix[:, k].nanmean().item() for k, name in enumerate(reward_names)},
+            "hypervolume": hypervolume(scaled, torch.zeros(len(reward_names))),
+        }
+    return results

@@ -46,7 +46,7 @@ from parrot_pipeline.tiny import default_tiny_expander, default_tiny_model
 
 from .config import LORA_TARGETS, TrainConfig
 from .outputs import MetricsWriter, evaluation_table, plot_pareto, plot_rewards, save_grid
-from .pareto import hypervolume, non_dominated_mask
+from .pareto import compare_reward_sets, non_dominated_mask
 from .rewards import resolve_reward, score_images
 from .sampling import (
     adapters_disabled,
@@ -458,29 +458,18 @@ class Trainer:
         pipe.register_modules(expander=None, expander_tokenizer=None)
         return torch.cat(images), texts
 
-    def evaluate(self) -> dict:
-        """Held-out prompts, base vs trained: each reward's mean and the hypervolume of the reward vectors.
+    def eval_rewards(self, trained: bool) -> torch.Tensor:
+        """Reward matrix ``[prompts × eval_images_per_prompt, K]`` of the held-out prompts, fixed seeds."""
+        images, texts = self.generate(self.eval_prompts, trained=trained, seed=10_000)
+        prompts = [p for p in self.eval_prompts for _ in range(self.config.eval_images_per_prompt)]
+        label = "trained" if trained else "base"
+        save_grid(images, self.output_dir / "samples" / f"eval_{label}.png", columns=self.config.eval_images_per_prompt)
+        return score_images(self.reward_fns, images, prompts, {"original_prompts": prompts, "expanded_prompts": texts})
 
-        Rewards are rescaled to [0, 1] with the minimum and maximum over both models' images, and the reference
-        point is the origin (the worst value of each reward), so the two hypervolumes are comparable.
-        """
-        results = {}
-        matrices = {}
-        for label, trained in (("base", False), ("trained", True)):
-            images, texts = self.generate(self.eval_prompts, trained=trained, seed=10_000)
-            prompts = [p for p in self.eval_prompts for _ in range(self.config.eval_images_per_prompt)]
-            metadata = {"original_prompts": prompts, "expanded_prompts": texts}
-            matrices[label] = score_images(self.reward_fns, images, prompts, metadata)
-            save_grid(images, self.output_dir / "samples" / f"eval_{label}.png", columns=self.config.eval_images_per_prompt)
-        union = torch.cat(list(matrices.values()))
-        low, high = union.nan_to_num(float("inf")).min(0).values, union.nan_to_num(float("-inf")).max(0).values
-        for label, matrix in matrices.items():
-            scaled = (matrix - low) / (high - low).clamp(min=1e-12)
-            results[label] = {
-                "means": {name: matrix[:, k].nanmean().item() for k, name in enumerate(self.config.rewards)},
-                "hypervolume": hypervolume(scaled.nan_to_num(0.0), torch.zeros(len(self.config.rewards))),
-            }
-        return results
+    def evaluate(self) -> dict:
+        """Held-out prompts, base vs trained: each reward's mean and the hypervolume of the reward vectors."""
+        matrices = {"base": self.eval_rewards(trained=False), "trained": self.eval_rewards(trained=True)}
+        return compare_reward_sets(matrices, self.config.rewards)
 
     def save_bundle(self) -> Path:
         expander = self._bundle_expander()
@@ -496,11 +485,12 @@ class Trainer:
             overwrite=True,
         )
 
-    def run(self) -> dict:
+    def train_loop(self) -> None:
+        """All iterations, with metrics, TensorBoard scalars, a progress bar and periodic sample grids."""
         config = self.config
         if self.sft_losses:
             print(f"expander supervised stage: loss {self.sft_losses[0]:.3f} → {self.sft_losses[-1]:.3f}")
-        progress = tqdm(range(config.iterations), desc=f"{config.mode}", disable=not self.accelerator.is_main_process)
+        progress = tqdm(range(config.iterations), desc=config.mode, disable=not self.accelerator.is_main_process)
         for _ in progress:
             record = self.train_iteration()
             self.history.append(record)
@@ -515,13 +505,17 @@ class Trainer:
                 images, _ = self.generate(self.eval_prompts[:4], trained=True, seed=10_000)
                 save_grid(images, self.output_dir / "samples" / f"iter_{self.iteration:05d}.png",
                           columns=config.eval_images_per_prompt)  # fmt: skip
+
+    def run(self) -> dict:
+        """Train, then write the bundle, evaluate base vs trained on held-out prompts, and plot."""
+        self.train_loop()
         bundle = self.save_bundle()
         results = self.evaluate()
-        plot_rewards(self.history, config.rewards, self.output_dir / "plots" / "rewards.png")
-        plot_pareto(self.reward_batches, config.rewards, self.output_dir / "plots" / "pareto.png")
+        plot_rewards(self.history, self.config.rewards, self.output_dir / "plots" / "rewards.png")
+        plot_pareto(self.reward_batches, self.config.rewards, self.output_dir / "plots" / "pareto.png")
         (self.output_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
         self.accelerator.end_training()
-        print(evaluation_table(results, config.rewards))
+        print(evaluation_table(results, self.config.rewards))
         print(f"bundle: {bundle}")
         return results
 
