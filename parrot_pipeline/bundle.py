@@ -87,10 +87,11 @@ class ParrotConfig:
             if len(set(values)) != len(values):
                 raise ValueError(f"`{name}` must not repeat an entry, got {values!r}.")
             setattr(self, name, list(values))
-        if len(self.reward_names) != len(self.reward_identifiers):
+        if self.reward_identifiers and len(self.reward_names) != len(self.reward_identifiers):
             raise ValueError(
-                f"`reward_identifiers` must have one entry per reward name: {len(self.reward_names)} names "
-                f"{self.reward_names} but {len(self.reward_identifiers)} identifiers {self.reward_identifiers}."
+                f"`reward_identifiers` must have one entry per reward name, or none (a model trained without "
+                f"identifiers): {len(self.reward_names)} names {self.reward_names} but "
+                f"{len(self.reward_identifiers)} identifiers {self.reward_identifiers}."
             )
         for name in ("guidance_scale", "expansion_guidance_scale"):
             check_scale(name, getattr(self, name))
@@ -365,7 +366,9 @@ def write_model_card(folder: str | os.PathLike, config: ParrotConfig, repo_id: s
     bundle_ref = repo_id or "path/to/this/bundle"
     rewards = "\n".join(
         f"| {k + 1} | `{name}` | `{identifier}` |"
-        for k, (name, identifier) in enumerate(zip(config.reward_names, config.reward_identifiers))
+        for k, (name, identifier) in enumerate(
+            zip(config.reward_names, config.reward_identifiers or ["(none)"] * len(config.reward_names))
+        )
     )
     data = ModelCardData(
         base_model=base,

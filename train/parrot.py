@@ -17,6 +17,7 @@ differs by the constant factor T, absorbed in the learning rate.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -49,6 +50,7 @@ from .outputs import MetricsWriter, evaluation_table, plot_pareto, plot_rewards,
 from .pareto import compare_reward_sets, non_dominated_mask
 from .rewards import resolve_reward, score_images
 from .sampling import (
+    Trajectories,
     adapters_disabled,
     decode_images,
     encode_prompts,
@@ -240,19 +242,8 @@ class Trainer:
                         eta=config.eta, height=config.resolution, width=config.resolution, generator=self.generator,
                     )  # fmt: skip
                 )
-        trajectories = chunks[0]
-        for other in chunks[1:]:
-            trajectories = type(trajectories)(
-                torch.cat([trajectories.latents, other.latents]),
-                torch.cat([trajectories.log_probs, other.log_probs]),
-                trajectories.timesteps,
-                torch.cat([trajectories.prompt_embeds, other.prompt_embeds]),
-                torch.cat([trajectories.negative_embeds, other.negative_embeds]),
-            )
-        images = torch.cat(
-            [decode_images(self.pipe, trajectories.final_latents[i : i + config.train_batch_size])
-             for i in range(0, len(prompt_embeds), config.train_batch_size)]
-        )  # fmt: skip
+        trajectories = Trajectories.cat(chunks)
+        images = torch.cat([decode_images(self.pipe, chunk.final_latents) for chunk in chunks])
         return trajectories, images
 
     def select(self, prompt: str, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +401,7 @@ class Trainer:
             reward_identifiers=list(self.identifiers) if config.mode == "parrot" else [],
             guidance_scale=config.guidance_scale,
             expansion_guidance_scale=config.eval_expansion_guidance_scale if config.mode == "parrot" else 0.0,
-            expander=self._bundle_expander_config(),
+            expander=self.expander_config,
             method=config.mode,
             extra={"train_config": config.to_dict()},
         )
@@ -423,11 +414,6 @@ class Trainer:
         if self.sft_pairs:
             return copy.deepcopy(self.expander).merge_and_unload()
         return self.expander
-
-    def _bundle_expander_config(self) -> ExpanderConfig | None:
-        if self.expander is None:
-            return None
-        return self.expander_config
 
     @torch.no_grad()
     def generate(self, prompts: list[str], trained: bool, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -474,8 +460,8 @@ class Trainer:
     def save_bundle(self) -> Path:
         expander = self._bundle_expander()
         config = self.parrot_config()
-        if expander is not None and self.sft_pairs:
-            config.expander = ExpanderConfig(**{**self.expander_config.to_dict(), "base_model": None})
+        if expander is not None and self.sft_pairs:  # the bundle holds the whole expander: no base model needed
+            config.expander = dataclasses.replace(self.expander_config, base_model=None)
         return save_bundle(
             self.output_dir / "bundle",
             unet=self.pipe.unet,

@@ -85,6 +85,17 @@ class Trajectories:
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
 
+    @classmethod
+    def cat(cls, parts: list[Trajectories]) -> Trajectories:
+        """Join batches sampled with the same timesteps."""
+        return cls(
+            torch.cat([p.latents for p in parts]),
+            torch.cat([p.log_probs for p in parts]),
+            parts[0].timesteps,
+            torch.cat([p.prompt_embeds for p in parts]),
+            torch.cat([p.negative_embeds for p in parts]),
+        )
+
     def select(self, index: torch.Tensor) -> Trajectories:
         """The trajectories at ``index`` (bool mask or indices) along the batch dimension."""
         return Trajectories(
