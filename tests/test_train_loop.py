@@ -17,6 +17,15 @@ from train.sft import load_pairs, pair_loss, supervised_finetune
 from .helpers import load, seeded
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test's Trainer builds its own Accelerator (accelerate keeps one state per process otherwise)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def small_config(tmp_path, *overrides):
     return load_config(
         "configs/quickstart.yaml",
@@ -181,3 +190,27 @@ def test_existing_output_dir_is_refused_before_any_model_loads(tmp_path, monkeyp
     with pytest.raises(FileExistsError, match="overwrite=true"):
         Trainer(small_config(tmp_path))
     assert (tmp_path / "run" / "keep.txt").read_text() == "results of another run"
+
+
+def test_expander_trains_by_reinforce_and_the_ablation_switches(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "train_unet=false"))
+    unet_before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
+    expander_before = {name: p.detach().clone() for name, p in trainer.expander.named_parameters()}
+    record = trainer.train_iteration()
+    assert math.isfinite(record["loss/expander"]) and "loss/t2i" not in record
+    changed = {n for n, p in trainer.expander.named_parameters() if not torch.equal(p, expander_before[n])}
+    assert changed and all("lora" in name for name in changed), "only the expander's LoRA moves"
+    assert all(torch.equal(p, unet_before[n]) for n, p in trainer.pipe.unet.named_parameters()), "T2I frozen"
+
+    frozen = Trainer(small_config(tmp_path / "frozen", "freeze_expander=true"))
+    assert "expander" not in frozen.optimizers and "unet" in frozen.optimizers
+
+
+def test_log_probs_are_float32_when_the_unet_runs_in_bfloat16(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "expander_model=null", "mixed_precision=bf16"))
+    assert trainer.pipe.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.unet_parameters), "trainable LoRA stays in float32"
+    trajectories, _ = trainer.sample(["a cat"])
+    assert trajectories.log_probs.dtype == torch.float32 and trajectories.latents.dtype == torch.float32
+    record = trainer.train_iteration()
+    assert math.isfinite(record["loss/t2i"])
