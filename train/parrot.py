@@ -112,9 +112,6 @@ class Trainer:
         self.eval_prompts = read_prompts(config.eval_prompts)
         self.sft_pairs = load_pairs(config.expander_sft_data) if config.expander_sft_data and config.uses_expander else None
         self.reward_fns = {name: resolve_reward(name) for name in config.rewards}
-        if config.overwrite and self.output_dir.exists():
-            shutil.rmtree(self.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
 
         device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
         device = "cpu" if device == "auto" else device
@@ -124,7 +121,6 @@ class Trainer:
             log_with="tensorboard",
             project_dir=str(self.output_dir / "logs"),
         )
-        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
         self.device = self.accelerator.device
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
@@ -161,7 +157,13 @@ class Trainer:
         self.sft_losses: list[float] = []
         self._load_expander()
         self.optimizers, self.lr_schedulers = self._optimizers()
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
+
+        # Only now, with every input checked and every model loaded, does the run touch output_dir.
+        if config.overwrite and self.output_dir.exists():
+            shutil.rmtree(self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
         self.history: list[dict] = []
         self.reward_batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -396,7 +398,7 @@ class Trainer:
     def parrot_config(self) -> ParrotConfig:
         config = self.config
         return ParrotConfig(
-            base_model=config.pretrained_model if config.pretrained_model != "tiny" else self.base_model,
+            base_model=self.base_model,
             reward_names=list(config.rewards),
             reward_identifiers=list(self.identifiers) if config.mode == "parrot" else [],
             guidance_scale=config.guidance_scale,
@@ -480,7 +482,8 @@ class Trainer:
         for _ in progress:
             record = self.train_iteration()
             self.history.append(record)
-            self.metrics.write(record)
+            if self.accelerator.is_main_process:
+                self.metrics.write(record)
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.iteration)
             progress.set_postfix(
                 {name.split("/")[1][:12]: f"{record[name]:.3g}" for name in record if name.startswith("reward/")}
