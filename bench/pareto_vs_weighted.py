@@ -31,10 +31,16 @@ from train.parrot import Trainer  # noqa: E402
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-def trained_rewards(overrides: list[str]) -> tuple[Trainer, torch.Tensor]:
+def trained_rewards(overrides: list[str]) -> tuple[Trainer, torch.Tensor, dict]:
+    """Train one configuration; returns the trainer, its held-out reward matrix and its training cost."""
     trainer = Trainer(load_config(PRESET, overrides))
+    started = time.perf_counter()
     trainer.train_loop()
-    return trainer, trainer.eval_rewards(trained=True)
+    cost = {
+        "train_seconds": time.perf_counter() - started,
+        "backpropagated_fraction": statistics.mean(record["front_fraction"] for record in trainer.history),
+    }
+    return trainer, trainer.eval_rewards(trained=True), cost
 
 
 def main() -> None:
@@ -52,11 +58,13 @@ def main() -> None:
         for seed in args.seeds:
             common = [f"seed={seed}", f"iterations={iterations}", "eval_every=0", "overwrite=true"]
             started = time.perf_counter()
-            parrot, parrot_rewards = trained_rewards([*common, "mode=parrot", f"output_dir={scratch}/parrot{seed}"])
+            parrot, parrot_rewards, parrot_cost = trained_rewards(
+                [*common, "mode=parrot", f"output_dir={scratch}/parrot{seed}"]
+            )
             base_rewards = parrot.eval_rewards(trained=False)
             spread = base_rewards.std(dim=0).clamp(min=1e-12)
             weights = (1 / (k * spread)).tolist()
-            _, weighted_rewards = trained_rewards([
+            _, weighted_rewards, weighted_cost = trained_rewards([
                 *common, "mode=ddpo", "expander_model=null", f"reward_weights={weights}",
                 f"images_per_prompt={k * preset.images_per_prompt}", "advantage=per_prompt", "clip_range=0.0001",
                 "eval_expansion_guidance_scale=0.0", f"output_dir={scratch}/weighted{seed}",
@@ -64,6 +72,7 @@ def main() -> None:
             results = compare_reward_sets(
                 {"base": base_rewards, "parrot": parrot_rewards, "weighted": weighted_rewards}, names
             )
+            results["parrot"]["cost"], results["weighted"]["cost"] = parrot_cost, weighted_cost
             results["seconds"] = time.perf_counter() - started
             per_seed.append(results)
             print(f"seed {seed}: " + ", ".join(f"{m} HV {results[m]['hypervolume']:.4f}" for m in ("base", "parrot", "weighted")))
@@ -80,6 +89,10 @@ def main() -> None:
             cells.append(f"{statistics.mean(values):.4g} ± {sd:.2g}")
             summary.setdefault(model, {})[name] = values
         print(f"| {model} | " + " | ".join(cells) + " |")
+    for model in ("parrot", "weighted"):
+        fraction = statistics.mean(r[model]["cost"]["backpropagated_fraction"] for r in per_seed)
+        seconds = statistics.mean(r[model]["cost"]["train_seconds"] for r in per_seed)
+        print(f"{model}: {fraction:.0%} of the samples back-propagated, {seconds:.0f} s of training per seed")
     wins = sum(r["parrot"]["hypervolume"] > r["weighted"]["hypervolume"] for r in per_seed)
     print(f"\nparrot's hypervolume above the weighted sum's in {wins} of {len(per_seed)} seeds")
     if args.json:

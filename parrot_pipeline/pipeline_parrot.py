@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,9 +94,16 @@ class ParrotPipeline(StableDiffusionPipeline):
         expander_config: ExpanderConfig | None = None,
         **kwargs,
     ) -> None:
-        """Load a causal LM and its tokenizer (plus a peft adapter if the folder holds one) as the expander."""
+        """Load a causal LM and its tokenizer (plus a peft adapter if the folder holds one) as the expander.
+
+        ``expander_config`` sets the instruction template and generation settings (default: the paper's
+        instruction); its ``base_model`` is filled in with the model loaded here.
+        """
         model, tokenizer = load_expander(path_or_repo_id, torch_dtype=self.text_encoder.dtype, **kwargs)
-        self._set_expander(model, tokenizer, expander_config or ExpanderConfig(base_model=str(path_or_repo_id)))
+        adapter = (getattr(model, "peft_config", None) or {}).get("parrot")
+        base_model = adapter.base_model_name_or_path if adapter else str(path_or_repo_id)
+        config = dataclasses.replace(expander_config or ExpanderConfig(), base_model=base_model)
+        self._set_expander(model, tokenizer, config)
 
     def _set_expander(self, model, tokenizer, config: ExpanderConfig) -> None:
         self.register_modules(expander=model.to(self.text_encoder.device), expander_tokenizer=tokenizer)
