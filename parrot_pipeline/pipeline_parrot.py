@@ -228,6 +228,14 @@ class ParrotPipeline(StableDiffusionPipeline):
         check_scale("expansion_guidance_scale", expansion_guidance_scale)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {num_images_per_prompt!r}.")
+        # Loaders inherited from StableDiffusionPipeline that change what the UNet needs at each step.
+        if self.unet.config.encoder_hid_dim_type == "ip_image_proj":
+            raise ValueError("ParrotPipeline does not support IP-Adapter; remove it with `pipe.unload_ip_adapter()`.")
+        if self.unet.config.time_cond_proj_dim is not None:
+            raise ValueError(
+                "ParrotPipeline does not support UNets with a guidance embedding (`time_cond_proj_dim`, e.g. LCM "
+                "distillations); use a Stable Diffusion 1.x/2.x UNet."
+            )
 
     @torch.no_grad()
     def __call__(

@@ -138,3 +138,13 @@ def test_expander_template_must_hold_the_placeholder():
 
     with pytest.raises(ValueError, match=r"\{prompt\}"):
         ExpanderConfig(template="Expand this: ")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [({"encoder_hid_dim_type": "ip_image_proj"}, "IP-Adapter"), ({"time_cond_proj_dim": 256}, "time_cond_proj_dim")],
+)
+def test_unsupported_unet_additions_are_refused(pipe, config, message):
+    pipe.unet.register_to_config(**config)
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", num_inference_steps=1)
