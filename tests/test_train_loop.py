@@ -214,3 +214,18 @@ def test_log_probs_are_float32_when_the_unet_runs_in_bfloat16(tmp_path):
     assert trajectories.log_probs.dtype == torch.float32 and trajectories.latents.dtype == torch.float32
     record = trainer.train_iteration()
     assert math.isfinite(record["loss/t2i"])
+
+
+def test_bundle_of_a_run_without_supervised_stage_holds_the_expander_adapter(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "expander_sft_data=null", "expander_learning_rate=0.01"))
+    trainer.train_iteration()
+    bundle = trainer.save_bundle()
+    assert (bundle / "expander" / "adapter_config.json").is_file(), "only the adapter: the base is a public model"
+    pipe = load(trainer.base_model)
+    pipe.load_parrot_weights(bundle)
+    ours = pipe.expand_prompts(["a cat", "a castle on a hill"], seed=5)
+    from parrot_pipeline.expansion import expand_prompts
+
+    theirs = expand_prompts(trainer.expander, trainer.expander_tokenizer, ["a cat", "a castle on a hill"],
+                            trainer.expander_config, seed=5)  # fmt: skip
+    assert ours == theirs
