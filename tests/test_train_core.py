@@ -172,6 +172,7 @@ def test_reward_errors_name_the_reward():
         (["rewards=[colorfulness, aesthetik]"], ValueError, "Unknown reward 'aesthetik'"),
         (["rewards=[colorfulness]"], ValueError, "at least two rewards in parrot mode"),
         (["overwrite=yes please"], TypeError, "`overwrite` must be bool"),
+        (["device=gpu"], ValueError, "`device`"),
     ],
 )
 def test_bad_config_is_refused_with_the_field_named(overrides, error, message):

@@ -229,3 +229,10 @@ def test_bundle_of_a_run_without_supervised_stage_holds_the_expander_adapter(tmp
     theirs = expand_prompts(trainer.expander, trainer.expander_tokenizer, ["a cat", "a castle on a hill"],
                             trainer.expander_config, seed=5)  # fmt: skip
     assert ours == theirs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
+def test_asking_for_cuda_without_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        Trainer(small_config(tmp_path, "device=cuda"))
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ LORA_TARGETS = {
             "conv_shortcut", "time_emb_proj"],  # fmt: skip
 }
 PRECISIONS = ("no", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -37,7 +38,7 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     overwrite: bool = False  # replace an existing output_dir
     seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda; several GPUs: accelerate launch
     mixed_precision: str = "no"  # no | fp16 | bf16: UNet and text encoder weights; log-probs stay float32
 
     # --- models ------------------------------------------------------------------------------------------------
@@ -122,6 +123,8 @@ def check_config(config: TrainConfig) -> None:
         _fail("advantage", config.advantage, f"use one of {list(ADVANTAGES)}")
     if config.lora_targets not in LORA_TARGETS:
         _fail("lora_targets", config.lora_targets, f"use one of {list(LORA_TARGETS)}")
+    if config.device not in DEVICES:
+        _fail("device", config.device, f"use one of {list(DEVICES)}")
     if config.mixed_precision not in PRECISIONS:
         _fail("mixed_precision", config.mixed_precision, f"use one of {list(PRECISIONS)}")
     for name in ("learning_rate", "expander_learning_rate", "expander_sft_learning_rate", "adam_epsilon"):

@@ -113,10 +113,10 @@ class Trainer:
         self.sft_pairs = load_pairs(config.expander_sft_data) if config.expander_sft_data and config.uses_expander else None
         self.reward_fns = {name: resolve_reward(name) for name in config.rewards}
 
-        device = "cuda" if config.device == "auto" and torch.cuda.is_available() else config.device
-        device = "cpu" if device == "auto" else device
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("config `device` = 'cuda' but no CUDA device is available; use device: cpu or auto.")
         self.accelerator = Accelerator(
-            cpu=device == "cpu",
+            cpu=config.device == "cpu" or not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.output_dir / "logs"),
