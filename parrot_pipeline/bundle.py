@@ -45,6 +45,9 @@ CARD_EXTRA_MARKER = "<!-- parrot: extra sections -->"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 UNET_PREFIX = "unet."
 METHODS = ("parrot", "dpok", "ddpo", "rpo")
+# The paper's w1 = w2 = 5: defaults of a bundle, and of ParrotPipeline when no bundle is loaded.
+DEFAULT_GUIDANCE_SCALE = 5.0
+DEFAULT_EXPANSION_GUIDANCE_SCALE = 5.0
 
 BUNDLE_PIPELINE_SOURCE = '''\
 # Custom-pipeline entry of this Parrot bundle:
@@ -68,8 +71,8 @@ class ParrotConfig:
     base_model: str
     reward_names: list[str]
     reward_identifiers: list[str]
-    guidance_scale: float = 5.0
-    expansion_guidance_scale: float = 5.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    expansion_guidance_scale: float = DEFAULT_EXPANSION_GUIDANCE_SCALE
     expander: ExpanderConfig | None = None
     method: str = "parrot"
     extra: dict = field(default_factory=dict)

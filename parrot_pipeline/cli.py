@@ -25,9 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the prompt")
     parser.add_argument("--negative-prompt", help="replaces the empty prompt of the unconditional branch")
     parser.add_argument("--expanded-prompt", help="use this expansion verbatim instead of running the expander")
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="w1, on the original prompt (default 5)")
     parser.add_argument(
-        "--expansion-guidance-scale", type=float, default=5.0, help="w2, on the expanded prompt; 0 = plain CFG"
+        "--guidance-scale", type=float, help="w1, on the original prompt (default: the bundle's, else 5)"
+    )
+    parser.add_argument(
+        "--expansion-guidance-scale",
+        type=float,
+        help="w2, on the expanded prompt; 0 = plain CFG (default: the bundle's, else 5)",
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")

@@ -15,6 +15,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import (
+    DEFAULT_EXPANSION_GUIDANCE_SCALE,
+    DEFAULT_GUIDANCE_SCALE,
     LORA_WEIGHT_NAME,
     ParrotConfig,
     check_lora_fits,
@@ -131,8 +133,8 @@ class ParrotPipeline(StableDiffusionPipeline):
         save_directory: str | os.PathLike,
         reward_names: list[str],
         reward_identifiers: list[str] | None = None,
-        guidance_scale: float = 5.0,
-        expansion_guidance_scale: float = 5.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        expansion_guidance_scale: float = DEFAULT_EXPANSION_GUIDANCE_SCALE,
         base_model: str | None = None,
         adapter_name: str | None = None,
         method: str = "parrot",
@@ -243,8 +245,8 @@ class ParrotPipeline(StableDiffusionPipeline):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         expanded_prompt: str | list[str] | None = None,
-        guidance_scale: float = 5.0,
-        expansion_guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
+        expansion_guidance_scale: float | None = None,
         reward_identifiers: list[int | str] | None = None,
         num_inference_steps: int = 50,
         height: int | None = None,
@@ -265,8 +267,9 @@ class ParrotPipeline(StableDiffusionPipeline):
             prompt: the user's prompt(s) ``c``.
             negative_prompt: replaces the empty prompt ``∅`` of the unconditional branch.
             expanded_prompt: the expansion text to use verbatim for each prompt (the expander is not run).
-            guidance_scale: ``w1``, on the original prompt.
+            guidance_scale: ``w1``, on the original prompt. Default: the loaded bundle's, else 5.
             expansion_guidance_scale: ``w2``, on the expanded prompt; 0 gives plain classifier-free guidance.
+                Default: the loaded bundle's, else 5.
             reward_identifiers: which identifiers of the loaded bundle to prepend: None for all, a list of indices
                 or reward names for a subset (shifting the trade-off toward those rewards), ``[]`` for none.
             generator: also seeds the expansion (with its ``initial_seed()``), so a seed fixes text and images.
@@ -284,6 +287,11 @@ class ParrotPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
+        bundle = self.parrot_config
+        if guidance_scale is None:
+            guidance_scale = bundle.guidance_scale if bundle else DEFAULT_GUIDANCE_SCALE
+        if expansion_guidance_scale is None:
+            expansion_guidance_scale = bundle.expansion_guidance_scale if bundle else DEFAULT_EXPANSION_GUIDANCE_SCALE
         prompts = [prompt] if isinstance(prompt, str) else prompt
         self.check_parrot_inputs(
             prompts, negative_prompt, expanded_prompt, guidance_scale, expansion_guidance_scale, num_images_per_prompt

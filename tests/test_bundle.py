@@ -195,3 +195,15 @@ def test_config_validation_messages():
 
 def test_parrot_pipeline_is_exported():
     assert issubclass(ParrotPipeline, DiffusionPipeline)
+
+
+def test_bundle_default_scales_apply_when_the_call_gives_none(tiny_sd, tmp_path):
+    pipe = load(tiny_sd)
+    add_unet_lora(pipe)
+    pipe.save_parrot_weights(tmp_path / "b", reward_names=["a"], guidance_scale=3.0, expansion_guidance_scale=2.0)
+    fresh = load(tiny_sd)
+    fresh.load_parrot_weights(tmp_path / "b")
+    implicit = generate(fresh, expanded_prompt="x").images
+    explicit = generate(fresh, expanded_prompt="x", guidance_scale=3.0, expansion_guidance_scale=2.0).images
+    np.testing.assert_array_equal(implicit, explicit)
+    assert np.abs(generate(fresh, expanded_prompt="x", guidance_scale=5.0).images - implicit).max() > 1e-4

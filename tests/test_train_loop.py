@@ -236,3 +236,16 @@ def test_asking_for_cuda_without_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no CUDA device is available"):
         Trainer(small_config(tmp_path, "device=cuda"))
     assert not (tmp_path / "run").exists()
+
+
+def test_single_reward_dpok_run_writes_its_plots_and_a_bundle_without_identifiers(tmp_path):
+    config = small_config(tmp_path, "mode=dpok", "rewards=[jpeg_compressibility]", "kl_beta=0.1",
+                          "expander_model=null", "iterations=1")  # fmt: skip
+    Trainer(config).run()
+    run = tmp_path / "run"
+    assert (run / "plots" / "pareto.png").stat().st_size > 0
+    saved = json.loads((run / "bundle" / "parrot_config.json").read_text())
+    assert (saved["method"], saved["reward_identifiers"], saved["expander"]) == ("dpok", [], None)
+    pipe = load(saved["base_model"])
+    pipe.load_parrot_weights(run / "bundle")
+    assert pipe("a cat", num_inference_steps=1, output_type="latent").expanded_prompts is None

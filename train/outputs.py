@@ -57,8 +57,20 @@ def plot_pareto(batches: dict[str, tuple[torch.Tensor, torch.Tensor]], reward_na
     """Reward vectors of the first and last iteration's batches with their non-dominated fronts.
 
     One panel per pair of rewards (K > 2 gives the pairwise panels); the front drawn is the one of that pair.
+    With a single reward (dpok/ddpo), the two batches' reward histograms.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if len(reward_names) == 1:  # a single reward has no front to draw: compare the two batches' distributions
+        figure, axis = plt.subplots(figsize=(4.2, 3.4))
+        for label, (rewards, _) in batches.items():
+            values = rewards[:, 0][torch.isfinite(rewards[:, 0])]
+            axis.hist(values.numpy(), bins=12, alpha=0.5, label=f"{label} iteration")
+        axis.set_xlabel(reward_names[0])
+        axis.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return
     pairs = [(i, j) for i in range(len(reward_names)) for j in range(i + 1, len(reward_names))]
     figure, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
     for axis, (i, j) in zip(axes[0], pairs):
