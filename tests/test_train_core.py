@@ -10,7 +10,7 @@ from peft import LoraConfig
 from train.config import load_config
 from train.pareto import hypervolume, non_dominated_mask
 from train.parrot import policy_loss
-from train.rewards import REGISTRY, resolve_reward, score_images
+from train.rewards import resolve_reward, score_images
 from train.sampling import (
     adapters_disabled,
     ddim_step_with_log_prob,
@@ -144,8 +144,8 @@ def test_weight_free_rewards_on_constructed_images():
     red = torch.zeros(1, 3, 32, 32)
     red[:, 0] = 1.0
     images = torch.cat([flat_grey, noise, red])
-    scores = score_images({name: info.fn for name, info in REGISTRY.items()}, images, ["x"] * 3, {})
-    names = list(REGISTRY)
+    names = ["jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "sharpness"]
+    scores = score_images({name: resolve_reward(name) for name in names}, images, ["x"] * 3, {})
     compress, colour, sharp = (scores[:, names.index(n)] for n in ("jpeg_compressibility", "colorfulness", "sharpness"))
     assert compress[0] > compress[1] and torch.equal(scores[:, names.index("jpeg_incompressibility")], -compress)
     assert colour[0] == 0 and colour[2] == pytest.approx(0.3 * math.sqrt(255**2 + 127.5**2))
@@ -157,7 +157,7 @@ def test_reward_errors_name_the_reward():
         score_images({"broken": lambda images, prompts, metadata: torch.zeros(2, 2)}, torch.rand(2, 3, 8, 8), ["a"] * 2, {})
     with pytest.raises(ValueError, match="Did you mean 'colorfulness'"):
         resolve_reward("colourfulness")
-    assert resolve_reward("train.rewards.image_stats:sharpness") is REGISTRY["sharpness"].fn
+    assert resolve_reward("train.rewards.image_stats:sharpness") is resolve_reward("sharpness")
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ class TrainConfig:
     prompts: str = "train/data/quickstart_prompts.txt"  # training prompts, txt (one per line) or JSONL "prompt"
     eval_prompts: str = "train/data/quickstart_eval_prompts.txt"  # held-out prompts for the final evaluation
     rewards: list[str] = field(default_factory=lambda: ["jpeg_compressibility", "colorfulness"])
+    reward_options: dict | None = None  # per reward name, its options, e.g. {clip_score: {model: "local-dir:/m"}}
     reward_weights: list[float] | None = None  # dpok/ddpo: weighted sum (default equal weights); parrot: unused
     reward_identifiers: list[str] | None = None  # parrot: default "<reward 1>" … "<reward K>"
 
@@ -160,8 +161,12 @@ def check_config(config: TrainConfig) -> None:
         _fail("rewards", config.rewards, "each reward once")
     from .rewards import resolve_reward
 
+    options = config.reward_options or {}
+    unknown = sorted(set(options) - set(config.rewards))
+    if unknown:
+        _fail("reward_options", config.reward_options, f"options only for rewards in `rewards`, not {unknown}")
     for name in config.rewards:
-        resolve_reward(name)
+        resolve_reward(name, options.get(name))
     if config.reward_weights is not None and len(config.reward_weights) != len(config.rewards):
         _fail("reward_weights", config.reward_weights, f"one weight per reward ({len(config.rewards)})")
     if config.reward_identifiers is not None and len(config.reward_identifiers) != len(config.rewards):
@@ -190,6 +195,8 @@ def _coerce(name: str, hint, value):
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option is str and isinstance(value, str):
+            return value
+        if option is dict and isinstance(value, dict):
             return value
         if origin is list and isinstance(value, list):
             (item_type,) = typing.get_args(option)

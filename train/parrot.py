@@ -111,7 +111,8 @@ class Trainer:
         self.prompts = read_prompts(config.prompts)
         self.eval_prompts = read_prompts(config.eval_prompts)
         self.sft_pairs = load_pairs(config.expander_sft_data) if config.expander_sft_data and config.uses_expander else None
-        self.reward_fns = {name: resolve_reward(name) for name in config.rewards}
+        options = config.reward_options or {}
+        self.reward_fns = {name: resolve_reward(name, options.get(name)) for name in config.rewards}
 
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("config `device` = 'cuda' but no CUDA device is available; use device: cpu or auto.")

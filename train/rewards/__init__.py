@@ -20,7 +20,7 @@ RewardFn = Callable[[torch.Tensor, Sequence[str], dict], torch.Tensor]
 @dataclass(frozen=True)
 class RewardInfo:
     name: str
-    fn: RewardFn
+    create: Callable[..., RewardFn]  # options -> reward; learned rewards load their checkpoint lazily
     value_range: str
     description: str
     higher_is_better: bool = True
@@ -30,17 +30,23 @@ REGISTRY: dict[str, RewardInfo] = {}
 
 
 def register(name: str, *, value_range: str, description: str):
-    def decorate(fn: RewardFn) -> RewardFn:
-        REGISTRY[name] = RewardInfo(name, fn, value_range, description)
-        return fn
+    """Register a reward function (no options) or a class whose instances are rewards (options are its kwargs)."""
+
+    def decorate(reward):
+        create = reward if isinstance(reward, type) else (lambda: reward)
+        REGISTRY[name] = RewardInfo(name, create, value_range, description)
+        return reward
 
     return decorate
 
 
-def resolve_reward(name: str) -> RewardFn:
-    """A registered reward by name, or ``package.module:function``."""
+def resolve_reward(name: str, options: dict | None = None) -> RewardFn:
+    """A registered reward by name (built with ``options``), or a user's ``package.module:function``."""
+    options = options or {}
     if ":" in name:
         module_name, _, attribute = name.partition(":")
+        if options:
+            raise ValueError(f"Reward {name!r} is a user function; `reward_options` apply to registered rewards only.")
         try:
             return getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
@@ -51,8 +57,10 @@ def resolve_reward(name: str) -> RewardFn:
         raise ValueError(
             f"Unknown reward {name!r}.{hint} Known rewards: {sorted(REGISTRY)}; or give 'module:function'."
         )
-    return REGISTRY[name].fn
-
+    try:
+        return REGISTRY[name].create(**options)
+    except TypeError as error:
+        raise ValueError(f"Invalid `reward_options` for reward {name!r}: {error}.") from None
 
 
 def score_images(
@@ -71,4 +79,4 @@ def score_images(
     return torch.stack(columns, dim=1)
 
 
-from . import image_stats  # noqa: E402,F401  (registers the weight-free rewards)
+from . import clip, image_stats  # noqa: E402,F401  (register the rewards)
