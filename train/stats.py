@@ -11,7 +11,6 @@ class PerPromptStatTracker:
     """Running reward mean/std per key (a prompt, or a prompt and reward in parrot mode).
 
     A key with fewer than ``min_count`` rewards seen normalises with the current batch's statistics instead.
-    The state is plain data (``state_dict``) so checkpoints can hold it.
     """
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16):
@@ -25,16 +24,6 @@ class PerPromptStatTracker:
         self.buffers[key].extend(finite.tolist())
         history = torch.tensor(list(self.buffers[key])) if len(self.buffers[key]) >= self.min_count else finite
         return standardise(rewards, history)
-
-    def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "buffers": {key: list(values) for key, values in self.buffers.items()}}  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
-        self.buffers.clear()
-        for key, values in state["buffers"].items():
-            self.buffers[key].extend(values)
 
 
 def standardise(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
