@@ -13,18 +13,21 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
@@ -34,6 +37,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .expansion import ExpanderConfig, load_expander
 from .hub import local_folder
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "parrot_config.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -41,6 +46,7 @@ KOHYA_WEIGHT_NAME = "parrot_lora_kohya.safetensors"
 EXPANDER_FOLDER = "expander"
 PIPELINE_FILE = "pipeline.py"
 CARD_FILE = "README.md"
+GALLERY_FOLDER = "samples"
 CARD_EXTRA_MARKER = "<!-- parrot: extra sections -->"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 UNET_PREFIX = "unet."
@@ -286,9 +292,12 @@ def save_bundle(
     expander: PreTrainedModel | None = None,
     expander_tokenizer: PreTrainedTokenizerBase | None = None,
     card_sections: str = "",
+    gallery: Sequence[tuple[str, str | os.PathLike]] = (),
     overwrite: bool = False,
 ) -> Path:
     """Write a bundle from the LoRA adapter on ``unet`` (and the expander, when given).
+
+    ``gallery`` is ``(caption, image file)`` pairs copied into ``samples/`` and shown in the model card's gallery.
 
     The folder is built under a temporary name beside ``save_directory`` and renamed at the end, so a failure never
     leaves a half-written bundle. An existing non-empty ``save_directory`` is replaced only with ``overwrite=True``.
@@ -317,6 +326,14 @@ def save_bundle(
         if expander is not None:
             expander.save_pretrained(building / EXPANDER_FOLDER, safe_serialization=True)
             expander_tokenizer.save_pretrained(building / EXPANDER_FOLDER)
+        if gallery:
+            (building / GALLERY_FOLDER).mkdir()
+            entries = []
+            for caption, image in gallery:
+                name = f"{GALLERY_FOLDER}/{Path(image).name}"
+                shutil.copyfile(image, building / name)
+                entries.append({"text": caption, "image": name})
+            config = replace(config, extra={**config.extra, "gallery": entries})
         (building / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         (building / PIPELINE_FILE).write_text(BUNDLE_PIPELINE_SOURCE, encoding="utf-8")
         write_model_card(building, config, extra_sections=card_sections)
@@ -377,6 +394,8 @@ def write_model_card(folder: str | os.PathLike, config: ParrotConfig, repo_id: s
         base_model=base,
         library_name="diffusers",
         tags=["text-to-image", "lora", "stable-diffusion", "parrot", f"method-{config.method}"],
+        widget=[{"text": entry["text"], "output": {"url": entry["image"]}} for entry in config.extra.get("gallery", [])]
+        or None,
     )
     expander_line = (
         f"a prompt expander (`{config.expander.base_model}` with a LoRA adapter or fine-tuned weights), "
@@ -441,19 +460,33 @@ def push_bundle_to_hub(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload Parrot bundle",
+    attempts: int = 3,
+    retry_wait: float = 5.0,
 ) -> str:
     """Upload a bundle folder to a Hub model repo (created if needed); returns the commit URL.
 
     ``token`` defaults to the usual ``HF_TOKEN`` / ``hf auth login`` credentials; it is never printed or written.
+    Network errors, 429 and 5xx answers are retried up to ``attempts`` times in all, waiting ``retry_wait``
+    seconds, then twice that, and so on; other HTTP errors (a bad token, no write access) are raised at once.
     """
     bundle = read_bundle(folder)
     validate_repo_id(repo_id)
-    create_repo(repo_id, repo_type="model", private=private, token=token, exist_ok=True)
     write_model_card(bundle.folder, bundle.config, repo_id=repo_id, extra_sections=_card_extra(bundle.folder))
-    commit = upload_folder(
-        repo_id=repo_id, folder_path=bundle.folder, repo_type="model", token=token, commit_message=commit_message
-    )
-    return str(commit.commit_url)
+    api = HfApi(token=token)
+    for attempt in range(1, attempts + 1):
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=bundle.folder, repo_type="model", commit_message=commit_message
+            )
+            return str(commit.commit_url)
+        except Exception as error:
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if attempt == attempts or (status is not None and status < 500 and status != 429):
+                raise
+            wait = retry_wait * 2 ** (attempt - 1)
+            logger.warning("Upload to %s failed (%s: %s); retrying in %.0f s.", repo_id, type(error).__name__, error, wait)
+            time.sleep(wait)
 
 
 def _card_extra(folder: Path) -> str:

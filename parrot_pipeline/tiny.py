@@ -203,13 +203,15 @@ def cache_dir() -> Path:
 
 def _build_once(target: Path, build) -> Path:
     """Run ``build(folder)`` in a temporary folder renamed to ``target``, unless ``target`` already exists, so
-    concurrent or interrupted builds never leave a partial model."""
+    concurrent or interrupted builds never leave a partial model. The build seeds torch itself; the caller's RNG
+    state is left as it was, so a run is the same whether or not it built the cache."""
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build(building)
+        with torch.random.fork_rng(devices=[]):
+            build(building)
         os.rename(building, target)
     except OSError:
         if not target.is_dir():

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from parrot_pipeline.tiny import save_tiny_expander, save_tiny_pipeline
 
 from .helpers import add_expander_lora, add_unet_lora, load
+
+# The tiny models are too small to gain from intra-op threads; one thread is faster and does not slow down on a
+# machine busy with other work.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -156,30 +156,49 @@ def test_save_refuses_non_finite_lora_and_leaves_nothing(tiny_sd, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_push_bundle_to_hub_uploads_the_folder_with_a_card_naming_the_repo(bundle_dir, tmp_path, monkeypatch):
-    """Only the two huggingface_hub calls are replaced; everything else is the real code."""
+def test_push_bundle_to_hub_uploads_through_the_real_client_and_retries_server_errors(bundle_dir, tmp_path, monkeypatch):
+    """huggingface_hub's own client talks HTTP to a stand-in of the Hub API on loopback (tests/hub_standin.py)."""
     import shutil
+
+    import huggingface_hub.constants
+
+    from .hub_standin import HubStandIn
 
     folder = tmp_path / "to-push"
     shutil.copytree(bundle_dir, folder)
-    calls = {}
-    monkeypatch.setattr(bundle_module, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
+    with HubStandIn() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        hub.failures["/api/models/me/parrot/commit/main"] = [503]  # the first commit fails: the upload is retried
+        url = bundle_module.push_bundle_to_hub(folder, "me/parrot", private=True, token="hf_secret", retry_wait=0.01)
+    assert url.startswith(f"{hub.endpoint}/me/parrot/commit/")
+    repo = hub.repos["me/parrot"]
+    assert repo["private"] is True
+    assert set(repo["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert repo["files"]["pytorch_lora_weights.safetensors"] == (folder / "pytorch_lora_weights.safetensors").read_bytes()
+    card = repo["files"]["README.md"].decode()
+    assert 'load_parrot_weights("me/parrot")' in card and "hf_secret" not in card
+    commits = [path for _, path, _ in hub.requests if path == "/api/models/me/parrot/commit/main"]
+    assert len(commits) == 2, "one failed commit, one retried"
+    api_calls = [headers for _, path, headers in hub.requests if "/me/parrot/" in path or path == "/api/repos/create"]
+    assert all(headers["authorization"] == "Bearer hf_secret" for headers in api_calls)
 
-    class Commit:
-        commit_url = "https://huggingface.co/me/parrot/commit/abc"
 
-    def fake_upload(**kwargs):
-        calls["upload"] = kwargs
-        calls["card"] = (kwargs["folder_path"] / "README.md").read_text()
-        return Commit()
+def test_push_bundle_to_hub_does_not_retry_a_refused_token(bundle_dir, tmp_path, monkeypatch):
+    import shutil
 
-    monkeypatch.setattr(bundle_module, "upload_folder", fake_upload)
-    url = bundle_module.push_bundle_to_hub(folder, "me/parrot", private=True, token="hf_secret")
-    assert url == Commit.commit_url
-    assert calls["create"] == ("me/parrot", {"repo_type": "model", "private": True, "token": "hf_secret", "exist_ok": True})
-    assert calls["upload"]["repo_id"] == "me/parrot"
-    assert 'load_parrot_weights("me/parrot")' in calls["card"]
-    assert "hf_secret" not in calls["card"]
+    import huggingface_hub.constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub_standin import HubStandIn
+
+    with HubStandIn() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        hub.failures["/api/repos/create"] = [401, 401, 401]
+        with pytest.raises(HfHubHTTPError) as raised:
+            bundle_module.push_bundle_to_hub(shutil.copytree(bundle_dir, tmp_path / "b"), "me/parrot", token="hf_secret",
+                                             retry_wait=0.01)  # fmt: skip
+    assert [path for _, path, _ in hub.requests].count("/api/repos/create") == 1, "a 401 is final"
+    assert "hf_secret" not in str(raised.value)
 
 
 def test_config_validation_messages():

@@ -26,15 +26,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def small_config(tmp_path, *overrides):
-    return load_config(
-        "configs/quickstart.yaml",
-        [
-            f"output_dir={tmp_path / 'run'}", "overwrite=false", "iterations=2", "images_per_prompt=4",
+def small_overrides(tmp_path) -> list[str]:
+    """The quickstart preset shrunk to seconds, writing into ``tmp_path / "run"``."""
+    return [f"output_dir={tmp_path / 'run'}", "overwrite=false", "iterations=2", "images_per_prompt=4",
             "num_inference_steps=3", "expander_sft_epochs=1", "eval_every=0", "eval_images_per_prompt=1",
-            "expander_max_new_tokens=8", *overrides,
-        ],
-    )  # fmt: skip
+            "expander_max_new_tokens=8"]  # fmt: skip
+
+
+def small_config(tmp_path, *overrides):
+    return load_config("configs/quickstart.yaml", [*small_overrides(tmp_path), *overrides])
 
 
 def nan_for_odd_rows(images, prompts, metadata):
@@ -176,7 +176,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
     import train.parrot as loop
 
     trainer = Trainer(small_config(tmp_path, "expander_model=null"))
-    monkeypatch.setattr(loop, "policy_loss", lambda *args: torch.full_like(args[0], math.inf))
+    monkeypatch.setattr(loop, "policy_loss", lambda log_prob, *rest: log_prob * math.inf)
     before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
     record = trainer.train_iteration()
     assert record["skipped"] is True

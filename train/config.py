@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub.utils import validate_repo_id
 
 MODES = ("parrot", "dpok", "ddpo")
 ADVANTAGES = ("raw", "batch", "per_prompt")
@@ -26,6 +27,10 @@ LORA_TARGETS = {
             "conv_shortcut", "time_emb_proj"],  # fmt: skip
 }
 PRECISIONS = ("no", "fp16", "bf16")
+# Settings a resumed run must share with its checkpoint: they shape the saved weights or what the rewards mean.
+RESUME_FIXED = ("mode", "pretrained_model", "expander_model", "rewards", "reward_options", "reward_identifiers",
+                "reward_weights", "lora_rank", "lora_alpha", "lora_targets", "expander_lora_rank", "train_unet",
+                "freeze_expander", "expander_sft_data", "mixed_precision", "seed")  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -97,6 +102,14 @@ class TrainConfig:
     eval_images_per_prompt: int = 4
     eval_expansion_guidance_scale: float = 5.0  # w2 of the final evaluation; w1 is guidance_scale
 
+    # --- checkpoints, processes, Hub ---------------------------------------------------------------------------
+    checkpoint_every: int = 0  # iterations between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints, if any
+    collective_timeout: float = 1800.0  # seconds a process waits for the others before the run stops
+    push_to_hub: str | None = None  # Hub repo id ("you/parrot-sd15") for the final bundle; token from HF_TOKEN/login
+    hub_private: bool = False  # create the Hub repo as private
+
     def __post_init__(self):
         check_config(self)
 
@@ -137,8 +150,20 @@ def check_config(config: TrainConfig) -> None:
                  "expander_sft_batch_size"):  # fmt: skip
         if getattr(config, name) < 1:
             _fail(name, getattr(config, name), "an integer ≥ 1")
-    if config.eval_every < 0:
-        _fail("eval_every", config.eval_every, "an integer ≥ 0")
+    for name in ("eval_every", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            _fail(name, getattr(config, name), "an integer ≥ 0")
+    if config.keep_checkpoints < 1:
+        _fail("keep_checkpoints", config.keep_checkpoints, "an integer ≥ 1")
+    if not (math.isfinite(config.collective_timeout) and config.collective_timeout > 0):
+        _fail("collective_timeout", config.collective_timeout, "a finite number of seconds > 0")
+    if config.push_to_hub is not None:
+        try:
+            validate_repo_id(config.push_to_hub)
+        except ValueError as error:
+            _fail("push_to_hub", config.push_to_hub, f"a Hub repo id such as 'your-name/parrot-sd15' ({error})")
+        if "/" not in config.push_to_hub:
+            _fail("push_to_hub", config.push_to_hub, "a Hub repo id with its owner, such as 'your-name/parrot-sd15'")
     if config.resolution < 8 or config.resolution % 8:
         _fail("resolution", config.resolution, "a positive multiple of 8")
     if not (math.isfinite(config.eta) and 0 < config.eta <= 1):
@@ -177,6 +202,13 @@ def check_config(config: TrainConfig) -> None:
         _fail("rewards", config.rewards, "at least two rewards in parrot mode (Pareto selection needs K ≥ 2)")
     if not config.train_unet and (config.freeze_expander or not config.uses_expander):
         _fail("train_unet", False, "true unless an expander is trained (freeze_expander: false, parrot mode)")
+
+
+def resume_differences(saved: dict, config: TrainConfig) -> list[str]:
+    """The settings in :data:`RESUME_FIXED` where ``config`` differs from a checkpoint's saved config."""
+    current = config.to_dict()
+    return [f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+            for name in RESUME_FIXED if saved.get(name) != current[name]]  # fmt: skip
 
 
 def _coerce(name: str, hint, value):

@@ -27,6 +27,12 @@ class MetricsWriter:
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the file with ``records`` (a resumed run drops the iterations after its checkpoint)."""
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        partial.replace(self.path)
+
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +93,30 @@ def plot_pareto(batches: dict[str, tuple[torch.Tensor, torch.Tensor]], reward_na
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+CARD_SETTINGS = ("mode", "iterations", "images_per_prompt", "resolution", "num_inference_steps", "guidance_scale",
+                 "eta", "learning_rate", "lora_rank", "lora_targets", "advantage", "kl_beta", "clip_range",
+                 "expander_model", "expander_learning_rate", "freeze_expander", "train_unet", "seed")  # fmt: skip
+
+
+def model_card_sections(config, results: dict) -> str:
+    """The training run's part of the bundle's model card: the main settings and the final evaluation."""
+    settings = "\n".join(f"| `{name}` | `{getattr(config, name)}` |" for name in CARD_SETTINGS)
+    return f"""## Training
+
+| setting | value |
+|---|---|
+{settings}
+
+## Evaluation on held-out prompts
+
+{config.eval_images_per_prompt} images for each held-out prompt, base model (plain guidance, no LoRA) against the
+trained model (expansion, identifiers and original-prompt-centred guidance with
+`expansion_guidance_scale` = {config.eval_expansion_guidance_scale}).
+
+{evaluation_table(results, config.rewards)}
+"""
 
 
 def evaluation_table(results: dict, reward_names: list[str]) -> str:

@@ -16,24 +16,33 @@ differs by the constant factor T, absorbed in the learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import math
 import random
 import shutil
+import signal
 import time
+import uuid
+from collections import defaultdict, deque
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from parrot_pipeline import ParrotConfig, ParrotPipeline, save_bundle
+from parrot_pipeline import ParrotConfig, ParrotPipeline, push_bundle_to_hub, save_bundle
 from parrot_pipeline.bundle import default_reward_identifiers
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
@@ -45,8 +54,9 @@ from parrot_pipeline.expansion import (
 )
 from parrot_pipeline.tiny import default_tiny_expander, default_tiny_model
 
-from .config import LORA_TARGETS, TrainConfig
-from .outputs import MetricsWriter, evaluation_table, plot_pareto, plot_rewards, save_grid
+from .checkpoint import latest_checkpoint, remove_partial_checkpoints, sha256_of, write_checkpoint
+from .config import LORA_TARGETS, TrainConfig, resume_differences
+from .outputs import MetricsWriter, evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
 from .pareto import compare_reward_sets, non_dominated_mask
 from .rewards import resolve_reward, score_images
 from .sampling import (
@@ -88,6 +98,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: parameter for name, parameter in module.named_parameters() if "lora_" in name}
+
+
 def make_advantages(rewards: torch.Tensor, mode: str, clip: float, tracker: PerPromptStatTracker, key: str):
     """Reward signal of one group: raw rewards, or standardised over the batch or per prompt, then clipped."""
     if mode == "raw":
@@ -97,23 +111,24 @@ def make_advantages(rewards: torch.Tensor, mode: str, clip: float, tracker: PerP
     return normalised.clamp(-clip, clip)
 
 
+@dataclasses.dataclass
+class Selection:
+    """Pareto (or weighted-sum) selection over the global batch, and this process's share of it."""
+
+    rewards: torch.Tensor  # [groups·N, K], all processes' samples, group-major
+    selected: torch.Tensor  # [groups·N] bool, same order
+    local_selected: torch.Tensor  # this process's rows
+    local_advantages: torch.Tensor
+    front_sizes: torch.Tensor  # [processes]: selected rows on each process
+
+
 class Trainer:
     """Holds everything a run needs, so a checkpoint can be taken from one place."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not config.overwrite:
-            raise FileExistsError(
-                f"`output_dir` {str(self.output_dir)!r} already exists and is not empty; pass overwrite=true to "
-                "replace it or choose another output_dir."
-            )
-        self.prompts = read_prompts(config.prompts)
-        self.eval_prompts = read_prompts(config.eval_prompts)
-        self.sft_pairs = load_pairs(config.expander_sft_data) if config.expander_sft_data and config.uses_expander else None
-        options = config.reward_options or {}
-        self.reward_fns = {name: resolve_reward(name, options.get(name)) for name in config.rewards}
-
+        self.checkpoints_dir = self.output_dir / "checkpoints"
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("config `device` = 'cuda' but no CUDA device is available; use device: cpu or auto.")
         self.accelerator = Accelerator(
@@ -121,11 +136,35 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.output_dir / "logs"),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))],
         )
+        self.num_processes = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if config.images_per_prompt % self.num_processes:
+            raise ValueError(
+                f"config `images_per_prompt` = {config.images_per_prompt} does not divide across "
+                f"{self.num_processes} processes: use a multiple of {self.num_processes}."
+            )
+        self.local_images = config.images_per_prompt // self.num_processes
+        checkpoint = self._checkpoint_to_resume()
+        if checkpoint is None and self.output_dir.exists() and any(self.output_dir.iterdir()) and not config.overwrite:
+            raise FileExistsError(
+                f"`output_dir` {str(self.output_dir)!r} already exists and is not empty"
+                + (" and holds no checkpoint to resume" if config.resume else "")
+                + "; pass overwrite=true to replace it, resume=true to continue its run, or choose another output_dir."
+            )
+        self.prompts = read_prompts(config.prompts)
+        self.eval_prompts = read_prompts(config.eval_prompts)
+        resuming_sft = checkpoint is not None and checkpoint[1]["expander_sft_sha256"] is not None
+        load_sft_pairs = config.expander_sft_data and config.uses_expander and not resuming_sft
+        self.sft_pairs = load_pairs(config.expander_sft_data) if load_sft_pairs else None
+        options = config.reward_options or {}
+        self.reward_fns = {name: resolve_reward(name, options.get(name)) for name in config.rewards}
+
         self.device = self.accelerator.device
-        self.rng = random.Random(config.seed)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)  # the same on every process: prompts, expansions, timesteps
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)  # each its own samples
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
 
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
         self.base_model = str(default_tiny_model()) if config.pretrained_model == "tiny" else config.pretrained_model
@@ -156,25 +195,184 @@ class Trainer:
         self.tracker = PerPromptStatTracker()
         self.iteration = 0
         self.sft_losses: list[float] = []
+        self.expander_sft_sha256: str | None = checkpoint[1]["expander_sft_sha256"] if resuming_sft else None
         self._load_expander()
         self.optimizers, self.lr_schedulers = self._optimizers()
-
-        # Only now, with every input checked and every model loaded, does the run touch output_dir.
-        if config.overwrite and self.output_dir.exists():
-            shutil.rmtree(self.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
         self.history: list[dict] = []
         self.reward_batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.run_id = uuid.uuid4().hex
+        self.stop_signal: int | None = None
+        self.checkpointed_at: int | None = None
+
+        # Only now, with every input checked and every model loaded, does the run touch output_dir (the main
+        # process, once every process has made its checks).
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._prepare_output_dir(resuming=checkpoint is not None)
+        self.accelerator.wait_for_everyone()
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint[1])
+            logger.warning("Resuming from %s at iteration %d.", checkpoint[0], self.iteration)
+            self.checkpointed_at = self.iteration
+        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+        if self.accelerator.is_main_process and checkpoint is not None:
+            self.metrics.rewrite(self.history)  # iterations after the checkpoint are run again
 
     # ------------------------------------------------------------------------------------------------------------
-    # Set-up
+    # Set-up, checkpoints and resume
+
+    def _checkpoint_to_resume(self) -> tuple[Path, dict] | None:
+        """With ``resume``, the newest complete checkpoint of this output_dir's run, checked against the config."""
+        if not self.config.resume:
+            return None
+        found = latest_checkpoint(self.checkpoints_dir)
+        if found is None:
+            logger.warning("resume=true but %s holds no complete checkpoint: starting from scratch.", self.checkpoints_dir)
+            return None
+        folder, state = found
+        run_file = self.output_dir / "run.json"
+        run_id = json.loads(run_file.read_text(encoding="utf-8"))["run_id"] if run_file.is_file() else None
+        if state["run_id"] != run_id:
+            raise ValueError(
+                f"Checkpoint {folder} was written by another run (run id {state['run_id']}) than the one in "
+                f"`output_dir` {str(self.output_dir)!r} (run id {run_id}); resume it from its own output_dir, or "
+                "remove it."
+            )
+        differences = resume_differences(state["config"], self.config)
+        if differences:
+            raise ValueError(
+                f"Cannot resume from {folder}: these settings differ from the checkpoint's and a resumed run cannot "
+                "honour them:\n  " + "\n  ".join(differences) + "\nRestore them, or start a new run in another output_dir."
+            )
+        return folder, state
+
+    def _prepare_output_dir(self, resuming: bool) -> None:
+        if resuming:
+            remove_partial_checkpoints(self.checkpoints_dir)
+            return
+        if self.config.overwrite and self.output_dir.exists():
+            shutil.rmtree(self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "run.json").write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
+        if self._sft_weights is not None:  # saved once: the supervised stage is not run again on resume
+            self.checkpoints_dir.mkdir(exist_ok=True)
+            path = self.checkpoints_dir / "expander_sft.safetensors"
+            save_file(self._sft_weights, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+            self.expander_sft_sha256 = sha256_of(path)
+        self._sft_weights = None
+
+    def random_states(self) -> dict:
+        return {
+            "trainer": self.rng.getstate(),
+            "sampler": self.generator.get_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def set_random_states(self, states: dict) -> None:
+        self.rng.setstate(states["trainer"])
+        self.generator.set_state(states["sampler"])
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.set_rng_state(states["torch"])
+        if states["cuda"]:
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly; called on every process (it gathers their RNGs)."""
+        return {
+            "run_id": self.run_id,
+            "iteration": self.iteration,
+            "config": self.config.to_dict(),
+            "unet_lora": lora_parameters(self.pipe.unet),
+            "expander_lora": lora_parameters(self.expander) if self.expander is not None else None,
+            "expander_sft_sha256": self.expander_sft_sha256,
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
+            "tracker": {key: list(values) for key, values in self.tracker.buffers.items()},
+            "history": self.history,
+            "sft_losses": self.sft_losses,
+            "first_batch": self.reward_batches.get("first"),
+            "random_states": self._collective("gathering RNG states", gather_object, [self.random_states()]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state["run_id"]
+        self.iteration = state["iteration"]
+        with torch.no_grad():
+            for module, saved in ((self.pipe.unet, state["unet_lora"]), (self.expander, state["expander_lora"])):
+                if module is not None:
+                    for name, parameter in lora_parameters(module).items():
+                        parameter.copy_(saved[name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            self.lr_schedulers[name].load_state_dict(state["lr_schedulers"][name])
+        self.tracker.buffers = defaultdict(lambda: deque(maxlen=self.tracker.buffer_size))
+        for key, values in state["tracker"].items():
+            self.tracker.buffers[key].extend(values)
+        self.history = state["history"]
+        self.sft_losses = state["sft_losses"]
+        if state["first_batch"] is not None:
+            self.reward_batches["first"] = state["first_batch"]
+        saved_states = state["random_states"]
+        if len(saved_states) == self.num_processes:
+            self.set_random_states(saved_states[self.rank])
+        else:
+            logger.warning(
+                "The checkpoint was written by %d processes and this run has %d: weights, optimisers and statistics "
+                "continue, but the samples will not repeat an uninterrupted run.", len(saved_states), self.num_processes,
+            )  # fmt: skip
+            self.set_random_states({**saved_states[0], "sampler": self.generator.get_state()})
+
+    def save_checkpoint(self) -> None:
+        """``checkpoints/step_N`` of the current iteration (the main process writes; every process takes part)."""
+        state = self.state_dict()
+        if self.accelerator.is_main_process:
+            folder = write_checkpoint(self.checkpoints_dir, self.iteration, state, keep=self.config.keep_checkpoints)
+            logger.info("checkpoint %s", folder)
+        self.checkpointed_at = self.iteration
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGTERM/SIGINT ask the loop to stop after the current iteration with a checkpoint; a second one stops now."""
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            logger.warning("%s: stopping after this iteration with a checkpoint.", signal.Signals(signum).name)
+
+        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _collective(self, what: str, function, *args):
+        """Run a collective; a dead or stalled peer becomes an error that says what happened and how to go on."""
+        if self.num_processes == 1:
+            return function(*args)
+        try:
+            return function(*args)
+        except RuntimeError as error:  # gloo and NCCL report a closed peer or a timeout as RuntimeError subclasses
+            raise RuntimeError(
+                f"Process {self.rank} of {self.num_processes}: {what} failed: another training process stopped or "
+                f"did not answer within collective_timeout = {self.config.collective_timeout:g} s ({error}). "
+                f"Restart with resume=true to continue from the newest checkpoint in {self.checkpoints_dir}."
+            ) from error
 
     def _load_expander(self) -> None:
         config = self.config
         self.expander = self.expander_tokenizer = None
         self.expander_config = None
+        self._sft_weights = None
+        self.expander_fine_tuned = False  # by the supervised stage: the bundle then holds the whole expander
         if not config.uses_expander:
             return
         source = str(default_tiny_expander()) if config.expander_model == "tiny" else config.expander_model
@@ -185,12 +383,20 @@ class Trainer:
             max_new_tokens=config.expander_max_new_tokens,
         )
         model.to(self.device)
-        if self.sft_pairs:
+        if self.expander_sft_sha256 is not None:  # resuming: the supervised stage's weights, not the stage again
+            path = self.checkpoints_dir / "expander_sft.safetensors"
+            if not path.is_file() or sha256_of(path) != self.expander_sft_sha256:
+                raise ValueError(f"{path}: missing or changed since the checkpoint was written; cannot resume.")
+            model.load_state_dict(load_file(path, device=str(self.device)))
+            self.expander_fine_tuned = True
+        elif self.sft_pairs:
             self.sft_losses = supervised_finetune(
                 model, tokenizer, self.sft_pairs, self.expander_config,
                 epochs=config.expander_sft_epochs, learning_rate=config.expander_sft_learning_rate,
                 batch_size=config.expander_sft_batch_size, seed=config.seed,
             )  # fmt: skip
+            self._sft_weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+            self.expander_fine_tuned = True
         model.requires_grad_(False)
         targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(EXPANDER_TARGETS))
         self.expander = get_peft_model(
@@ -228,12 +434,12 @@ class Trainer:
         return [prompt]
 
     def sample(self, texts: list[str]):
-        """Trajectories for ``images_per_prompt`` samples of each text, in chunks of ``train_batch_size``."""
+        """Trajectories of this process's share of the ``images_per_prompt`` samples of each text, in chunks of
+        ``train_batch_size``."""
         config = self.config
         prompt_embeds, negative_embeds = encode_prompts(self.pipe, texts)
-        repeat = config.images_per_prompt
-        prompt_embeds = prompt_embeds.repeat_interleave(repeat, dim=0)
-        negative_embeds = negative_embeds.repeat_interleave(repeat, dim=0)
+        prompt_embeds = prompt_embeds.repeat_interleave(self.local_images, dim=0)
+        negative_embeds = negative_embeds.repeat_interleave(self.local_images, dim=0)
         chunks = []
         with self.accelerator.autocast():
             for start in range(0, len(prompt_embeds), config.train_batch_size):
@@ -250,7 +456,7 @@ class Trainer:
         return trajectories, images
 
     def select(self, prompt: str, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which samples train, and their advantages. ``rewards`` is ``[groups·N, K]``."""
+        """Which samples train, and their advantages. ``rewards`` is the global ``[groups·N, K]``, group-major."""
         config = self.config
         n = config.images_per_prompt
         if config.mode == "parrot":
@@ -269,51 +475,87 @@ class Trainer:
         advantages = torch.where(selected, advantages, torch.zeros_like(advantages))
         return selected, advantages
 
-    def t2i_loss_and_step(self, trajectories, selected: torch.Tensor, advantages: torch.Tensor) -> dict:
-        """Policy-gradient passes over the selected samples only; returns loss statistics."""
+    def select_global(self, prompt: str, local_rewards: torch.Tensor) -> Selection:
+        """Gather every process's rewards, select over the whole batch (the same result on every process), and
+        take this process's rows back. Rows are ``[group, sample]`` locally and ``[process, group, sample]``
+        gathered; selection wants each group's samples of all processes together."""
+        world, rows = self.num_processes, len(local_rewards)
+        groups = rows // self.local_images
+        gathered = self._collective(
+            "gathering rewards", self.accelerator.gather, local_rewards.to(self.device)
+        ).cpu()
+
+        def group_major(tensor):
+            return tensor.view(world, groups, self.local_images, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
+
+        def process_major(tensor):
+            return tensor.view(groups, world, self.local_images, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
+
+        rewards = group_major(gathered)
+        selected, advantages = self.select(prompt, rewards)
+        mine = slice(self.rank * rows, (self.rank + 1) * rows)
+        by_process = process_major(selected)
+        return Selection(
+            rewards=rewards,
+            selected=selected,
+            local_selected=by_process[mine],
+            local_advantages=process_major(advantages)[mine],
+            front_sizes=by_process.view(world, rows).sum(dim=1),
+        )
+
+    def t2i_loss_and_step(self, trajectories, selected: torch.Tensor, advantages: torch.Tensor,
+                          front_sizes: torch.Tensor | None = None) -> dict:  # fmt: skip
+        """Policy-gradient passes over this process's selected samples only; the loss is normalised by the size of
+        the global front, so gradients summed over processes are the global loss's. Returns loss statistics."""
         config = self.config
         front = selected.nonzero().squeeze(1)
+        front_sizes = front_sizes if front_sizes is not None else torch.tensor([len(front)])
+        total = int(front_sizes.sum())
         num_steps = trajectories.log_probs.shape[1]
         steps = sorted(self.rng.sample(range(num_steps), max(1, round(config.timestep_fraction * num_steps))))
-        optimizer = self.optimizers["unet"]
-        optimizer.zero_grad(set_to_none=True)
-        stats = {"loss": 0.0, "kl": 0.0, "clipped_fraction": 0.0, "skipped": False}
-        count = 0
-        for start in range(0, len(front), config.train_batch_size):
-            index = front[start : start + config.train_batch_size]
-            batch = trajectories.select(index.to(trajectories.latents.device))
-            batch_advantages = advantages[index].to(self.device)
+        self.optimizers["unet"].zero_grad(set_to_none=True)
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped samples, trained samples
+        stepped = []
+        # Every process runs as many chunks as the one with the largest front, so optimiser steps (and their
+        # gradient all-reduce) line up; a process out of samples contributes zero gradients.
+        for chunk in range(math.ceil(int(front_sizes.max()) / config.train_batch_size)):
+            index = front[chunk * config.train_batch_size : (chunk + 1) * config.train_batch_size]
+            batch = trajectories.select(index.to(trajectories.latents.device)) if len(index) else None
             for step in steps:
-                with self.accelerator.autocast():
-                    log_prob, noise = recompute_log_prob(
-                        self.pipe.unet, self.scheduler, batch, step, guidance_scale=config.guidance_scale, eta=config.eta
-                    )
-                    loss_per_sample = config.reward_scale * policy_loss(
-                        log_prob, batch.log_probs[:, step], batch_advantages, config.clip_range
-                    )
-                    if config.kl_beta > 0:
-                        kl = self.kl_to_pretrained(batch, step, noise)
-                        loss_per_sample = loss_per_sample + config.kl_beta * kl
-                        stats["kl"] += kl.sum().item()
-                loss = loss_per_sample.sum() / (len(front) * len(steps))
-                if not torch.isfinite(loss):
-                    logger.warning("iteration %d: non-finite loss; the update is skipped", self.iteration)
-                    optimizer.zero_grad(set_to_none=True)
-                    stats["skipped"] = True
-                    return stats
-                self.accelerator.backward(loss)
-                if config.clip_range is not None:
-                    ratio = torch.exp(log_prob.detach() - batch.log_probs[:, step])
-                    stats["clipped_fraction"] += ((ratio - 1).abs() > config.clip_range).float().sum().item()
-                stats["loss"] += loss.item()
-                count += len(index)
+                if batch is not None:
+                    totals += self._policy_gradient(batch, advantages[index].to(self.device), step, total * len(steps))
                 if not config.accumulate_timesteps:
-                    self._optimizer_step("unet")
+                    stepped.append(self._optimizer_step("unet"))
         if config.accumulate_timesteps:
-            self._optimizer_step("unet")
-        stats["kl"] /= max(count, 1)
-        stats["clipped_fraction"] /= max(count, 1)
-        return stats
+            stepped.append(self._optimizer_step("unet"))
+        if self.num_processes > 1:
+            totals = self._collective("summing loss statistics", self.accelerator.reduce, totals.to(self.device), "sum").cpu()
+        loss, kl, clipped, count = totals.tolist()
+        return {"loss": loss, "kl": kl / max(count, 1), "clipped_fraction": clipped / max(count, 1),
+                "skipped": not all(stepped)}  # fmt: skip
+
+    def _policy_gradient(self, batch, advantages: torch.Tensor, step: int, normaliser: int) -> torch.Tensor:
+        """Backward of one timestep of a batch; returns its (loss, kl sum, clipped count, samples)."""
+        config = self.config
+        with self.accelerator.autocast():
+            log_prob, noise = recompute_log_prob(
+                self.pipe.unet, self.scheduler, batch, step, guidance_scale=config.guidance_scale, eta=config.eta
+            )
+            loss_per_sample = config.reward_scale * policy_loss(
+                log_prob, batch.log_probs[:, step], advantages, config.clip_range
+            )
+            kl_sum = 0.0
+            if config.kl_beta > 0:
+                kl = self.kl_to_pretrained(batch, step, noise)
+                loss_per_sample = loss_per_sample + config.kl_beta * kl
+                kl_sum = kl.sum().item()
+        loss = loss_per_sample.sum() / normaliser
+        self.accelerator.backward(loss)
+        clipped = 0.0
+        if config.clip_range is not None:
+            ratio = torch.exp(log_prob.detach() - batch.log_probs[:, step])
+            clipped = ((ratio - 1).abs() > config.clip_range).float().sum().item()
+        return torch.tensor([loss.item(), kl_sum, clipped, len(advantages)], dtype=torch.float64)
 
     def kl_to_pretrained(self, batch, step: int, noise: torch.Tensor) -> torch.Tensor:
         """DPOK's per-step KL term: squared distance of the guided predictions of the policy and the pretrained UNet
@@ -325,28 +567,41 @@ class Trainer:
             )  # fmt: skip
         return ((noise.float() - reference.float()) ** 2).mean(dim=tuple(range(1, noise.ndim)))
 
-    def _optimizer_step(self, name: str) -> None:
-        parameters = [p for group in self.optimizers[name].param_groups for p in group["params"]]
+    def _optimizer_step(self, name: str) -> bool:
+        """Sum the gradients over processes, then step; a non-finite gradient skips the step (on every process
+        alike, since they all see the same sum). Returns whether it stepped."""
+        optimizer = self.optimizers[name]
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.num_processes > 1:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
+            flat = self._collective("summing gradients", self.accelerator.reduce, flat, "sum")
+            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+                parameter.grad = grad.view_as(parameter)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(grad).all() for grad in grads]).all():
+            logger.warning("iteration %d: non-finite %s gradient; the update is skipped", self.iteration, name)
+            optimizer.zero_grad(set_to_none=True)
+            return False
         if self.config.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
-        self.optimizers[name].step()
+        optimizer.step()
         self.lr_schedulers[name].step()
-        self.optimizers[name].zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        return True
 
-    def expander_loss_and_step(self, expansions, selected: torch.Tensor, advantages: torch.Tensor) -> float:
-        """REINFORCE on the expansion: ``−(Σ_{i∈P} A_i / |P|) · log p_φ(ĉ | c)``."""
-        weight = advantages[selected].sum() / selected.sum()
+    def expander_loss_and_step(self, expansions, selection: Selection) -> float:
+        """REINFORCE on the expansion: ``−(Σ_{i∈P} A_i / |P|) · log p_φ(ĉ | c)``; each process weighs by its own
+        rows of P, so the summed gradients are the global loss's."""
+        weight = selection.local_advantages[selection.local_selected].sum() / selection.front_sizes.sum()
         log_prob = continuation_log_probs(
             self.expander, expansions.input_ids, expansions.attention_mask, expansions.new_tokens, expansions.new_mask
         )
         loss = -(weight.to(log_prob.device) * log_prob).sum()
-        if not torch.isfinite(loss):
-            logger.warning("iteration %d: non-finite expander loss; its update is skipped", self.iteration)
-            return float("nan")
         self.optimizers["expander"].zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        self._optimizer_step("expander")
-        return loss.item()
+        stepped = self._optimizer_step("expander")
+        loss = self._collective("summing the expander loss", self.accelerator.reduce, loss.detach(), "sum")
+        return loss.item() if stepped else float("nan")
 
     def train_iteration(self) -> dict:
         config = self.config
@@ -362,10 +617,10 @@ class Trainer:
             expansion = prompt
         texts = self.branch_texts(prompt, expansion)
         trajectories, images = self.sample(texts)
-        branch_prompts = [text for text in texts for _ in range(config.images_per_prompt)]
+        branch_prompts = [text for text in texts for _ in range(self.local_images)]
         metadata = {"original_prompts": [prompt] * len(images), "expanded_prompts": branch_prompts}
-        rewards = score_images(self.reward_fns, images, [prompt] * len(images), metadata)
-        selected, advantages = self.select(prompt, rewards)
+        selection = self.select_global(prompt, score_images(self.reward_fns, images, [prompt] * len(images), metadata))
+        rewards, selected = selection.rewards, selection.selected
 
         record = {"iteration": self.iteration, "prompt": prompt, "expanded_prompt": expansion}
         finite_rows = torch.isfinite(rewards).all(dim=1)
@@ -376,12 +631,14 @@ class Trainer:
         record["nonfinite_samples"] = int((~finite_rows).sum())
         if selected.any():
             if config.train_unet:
-                stats = self.t2i_loss_and_step(trajectories, selected, advantages)
+                stats = self.t2i_loss_and_step(
+                    trajectories, selection.local_selected, selection.local_advantages, selection.front_sizes
+                )
                 record.update({"loss/t2i": stats["loss"], "kl": stats["kl"], "skipped": stats["skipped"]})
                 if config.clip_range is not None:
                     record["clipped_fraction"] = stats["clipped_fraction"]
             if "expander" in self.optimizers:
-                record["loss/expander"] = self.expander_loss_and_step(expansions, selected, advantages)
+                record["loss/expander"] = self.expander_loss_and_step(expansions, selection)
         else:
             logger.warning("iteration %d: no sample with finite rewards; the update is skipped", self.iteration)
             record["skipped"] = True
@@ -414,7 +671,7 @@ class Trainer:
         changed every weight) the full model with the adapter merged."""
         if self.expander is None:
             return None
-        if self.sft_pairs:
+        if self.expander_fine_tuned:
             return copy.deepcopy(self.expander).merge_and_unload()
         return self.expander
 
@@ -460,10 +717,10 @@ class Trainer:
         matrices = {"base": self.eval_rewards(trained=False), "trained": self.eval_rewards(trained=True)}
         return compare_reward_sets(matrices, self.config.rewards)
 
-    def save_bundle(self) -> Path:
+    def save_bundle(self, card_sections: str = "", gallery: list[tuple[str, Path]] = ()) -> Path:
         expander = self._bundle_expander()
         config = self.parrot_config()
-        if expander is not None and self.sft_pairs:  # the bundle holds the whole expander: no base model needed
+        if expander is not None and self.expander_fine_tuned:  # the bundle holds the whole expander: no base model needed
             config.expander = dataclasses.replace(self.expander_config, base_model=None)
         return save_bundle(
             self.output_dir / "bundle",
@@ -471,45 +728,99 @@ class Trainer:
             config=config,
             expander=expander,
             expander_tokenizer=self.expander_tokenizer if expander is not None else None,
+            card_sections=card_sections,
+            gallery=gallery,
             overwrite=True,
         )
 
     def train_loop(self) -> None:
-        """All iterations, with metrics, TensorBoard scalars, a progress bar and periodic sample grids."""
+        """The iterations left, with metrics, TensorBoard scalars, a progress bar, sample grids and checkpoints.
+
+        On SIGTERM/SIGINT the current iteration finishes, a checkpoint is written and the process exits with
+        128 + the signal number; a second signal stops at once.
+        """
         config = self.config
-        if self.sft_losses:
+        if self.sft_losses and self.accelerator.is_main_process:
             print(f"expander supervised stage: loss {self.sft_losses[0]:.3f} → {self.sft_losses[-1]:.3f}")
-        progress = tqdm(range(config.iterations), desc=config.mode, disable=not self.accelerator.is_main_process)
-        for _ in progress:
-            record = self.train_iteration()
-            self.history.append(record)
-            if self.accelerator.is_main_process:
-                self.metrics.write(record)
-            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.iteration)
-            progress.set_postfix(
-                {name.split("/")[1][:12]: f"{record[name]:.3g}" for name in record if name.startswith("reward/")}
-                | {"front": f"{record['front_fraction']:.2f}"}
-            )
-            self.iteration += 1
-            if config.eval_every and self.iteration % config.eval_every == 0 and self.iteration < config.iterations:
-                images, _ = self.generate(self.eval_prompts[:4], trained=True, seed=10_000)
-                save_grid(images, self.output_dir / "samples" / f"iter_{self.iteration:05d}.png",
-                          columns=config.eval_images_per_prompt)  # fmt: skip
+        progress = tqdm(total=config.iterations, initial=self.iteration, desc=config.mode,
+                        disable=not self.accelerator.is_main_process)  # fmt: skip
+        with self.stop_on_signals():
+            while self.iteration < config.iterations:
+                record = self.train_iteration()
+                self.history.append(record)
+                if self.accelerator.is_main_process:
+                    self.metrics.write(record)
+                self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.iteration)
+                progress.update()
+                progress.set_postfix(
+                    {name.split("/")[1][:12]: f"{record[name]:.3g}" for name in record if name.startswith("reward/")}
+                    | {"front": f"{record['front_fraction']:.2f}"}
+                )
+                self.iteration += 1
+                if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                eval_due = config.eval_every and self.iteration % config.eval_every == 0
+                if eval_due and self.iteration < config.iterations and self.accelerator.is_main_process:
+                    images, _ = self.generate(self.eval_prompts[:4], trained=True, seed=10_000)
+                    save_grid(images, self.output_dir / "samples" / f"iter_{self.iteration:05d}.png",
+                              columns=config.eval_images_per_prompt)  # fmt: skip
+                if self._stop_requested():
+                    if self.checkpointed_at != self.iteration:
+                        self.save_checkpoint()
+                    self.accelerator.end_training()
+                    progress.close()
+                    print(f"stopped by {signal.Signals(self.stop_signal).name} at iteration {self.iteration}; "
+                          f"continue with resume=true (checkpoints in {self.checkpoints_dir})")  # fmt: skip
+                    raise SystemExit(128 + self.stop_signal)
+        progress.close()
+        if self.checkpointed_at != self.iteration:
+            self.save_checkpoint()
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop (they all stop at the same iteration)."""
+        if self.num_processes == 1:
+            return self.stop_signal is not None
+        signals = torch.tensor([self.stop_signal or 0], device=self.device)
+        signals = self._collective("agreeing on a stop", self.accelerator.reduce, signals, "max")
+        self.stop_signal = int(signals.item()) or None
+        return self.stop_signal is not None
 
     def run(self) -> dict:
-        """Train, then write the bundle, evaluate base vs trained on held-out prompts, and plot."""
+        """Train, evaluate base vs trained on held-out prompts, write the bundle (with its model card) and the
+        plots, and push the bundle to the Hub when asked. The main process does all after training."""
+        config = self.config
         self.train_loop()
-        bundle = self.save_bundle()
-        results = self.evaluate()
-        plot_rewards(self.history, self.config.rewards, self.output_dir / "plots" / "rewards.png")
-        plot_pareto(self.reward_batches, self.config.rewards, self.output_dir / "plots" / "pareto.png")
-        (self.output_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+        results: dict = {}
+        if self.accelerator.is_main_process:
+            results = self.evaluate()
+            gallery = [(f"trained model, held-out prompts: {', '.join(self.eval_prompts[:4])}",
+                        self.output_dir / "samples" / "eval_trained.png")]  # fmt: skip
+            bundle = self.save_bundle(model_card_sections(config, results), gallery)
+            plot_rewards(self.history, config.rewards, self.output_dir / "plots" / "rewards.png")
+            plot_pareto(self.reward_batches, config.rewards, self.output_dir / "plots" / "pareto.png")
+            (self.output_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(evaluation_table(results, config.rewards))
+            print(f"bundle: {bundle}")
+            if config.push_to_hub:
+                results["hub"] = self.push(bundle)
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        print(evaluation_table(results, self.config.rewards))
-        print(f"bundle: {bundle}")
         return results
+
+    def push(self, bundle: Path) -> dict:
+        """Upload the bundle; a failure after the retries is reported with the bundle's local path, not raised."""
+        try:
+            url = push_bundle_to_hub(bundle, self.config.push_to_hub, private=self.config.hub_private)
+        except Exception as error:  # noqa: BLE001  (any failure: the run's results must survive it)
+            logger.error(
+                "Upload of %s to the Hub repo %r failed (%s: %s). The bundle is safe at %s; upload it later with "
+                "`hf upload %s %s`.", bundle, self.config.push_to_hub, type(error).__name__, error, bundle,
+                self.config.push_to_hub, bundle,
+            )  # fmt: skip
+            return {"repo_id": self.config.push_to_hub, "error": f"{type(error).__name__}: {error}"}
+        print(f"pushed to {url}")
+        return {"repo_id": self.config.push_to_hub, "url": url}
 
 
 def train(config: TrainConfig) -> dict:
     return Trainer(config).run()
-
