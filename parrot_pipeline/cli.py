@@ -37,10 +37,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seeds both the expansion and the image (default 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    add_device_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("parrot.png"), help="output image path (default parrot.png)")
     return parser
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N…")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="weights and activations of the pipeline (default float32)")  # fmt: skip
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` as a torch device name; asking for CUDA where there is none fails before any model loads."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA device is available; use --device cpu or auto.")
+    return name
+
+
+def load_pipeline(
+    model: str | None, bundle: str | None, device: str, dtype: str, expander: str | None = None, **kwargs
+) -> ParrotPipeline:
+    """The pipeline of ``model`` (default: the tiny embedded one) with an expander and a bundle loaded, on
+    ``device``; ``kwargs`` go to ``from_pretrained``."""
+    pipe = ParrotPipeline.from_pretrained(model or default_tiny_model(), torch_dtype=getattr(torch, dtype), **kwargs)
+    if expander:
+        pipe.load_expander(expander)
+    if bundle:
+        pipe.load_parrot_weights(bundle)
+    return pipe.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         parser.error(f"--out must end in .png, .jpg, .jpeg or .webp, got {args.out}")
     try:
+        args.device = resolve_device(args.device)
         generate(args)
     except (ValueError, TypeError, OSError) as error:
         parser.exit(2, f"parrot-generate: error: {error}\n")
@@ -58,13 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> None:
-    model = args.model or default_tiny_model()
-    pipe = ParrotPipeline.from_pretrained(model, torch_dtype=getattr(torch, args.dtype))
-    if args.expander:
-        pipe.load_expander(args.expander)
-    if args.bundle:
-        pipe.load_parrot_weights(args.bundle)
-    pipe.to(args.device)
+    pipe = load_pipeline(args.model, args.bundle, args.device, args.dtype, expander=args.expander)
 
     out = pipe(
         args.prompt,
