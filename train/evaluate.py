@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ from .sampling import adapters_disabled
 
 CONFIGURATIONS = {
     "base": "base model, LoRA off, plain guidance",
-    "bundle": "bundle: LoRA, expansion and reward identifiers",
+    "bundle": "bundle's LoRA, expander and reward identifiers",
     "bundle-no-expansion": "bundle's LoRA, plain guidance",
 }
 SETTINGS_FILE = "run.json"
@@ -53,10 +54,14 @@ GRID_PROMPTS = 8  # rows of grid.png
 
 @dataclasses.dataclass(frozen=True)
 class Configuration:
-    label: str
-    lora: bool
+    name: str  # a key of CONFIGURATIONS
+    label: str  # the name, or bundle@W1:W2 for a point of the guidance grid
     guidance_scale: float | None  # None: the bundle's, else 5
     expansion_guidance_scale: float | None
+
+    @property
+    def lora(self) -> bool:
+        return self.name != "base"
 
     @property
     def folder(self) -> str:
@@ -112,7 +117,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def scale(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
@@ -124,7 +129,7 @@ def guidance_grid(text: str) -> list[tuple[float, float]]:
     pairs = []
     for item in text.split(","):
         try:
-            w1, w2 = (scale(part) for part in item.split(":"))
+            w1, w2 = (non_negative_float(part) for part in item.split(":"))
         except (ValueError, argparse.ArgumentTypeError):
             raise argparse.ArgumentTypeError(
                 f"{item!r} is not a W1:W2 pair of guidance scales (finite numbers ≥ 0), e.g. 5:0,5:5,7.5:2.5"
@@ -151,20 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompts", type=positive_int, help="use only the first N prompts")
     parser.add_argument("--rewards", required=True, help="comma-separated reward names or module:function")
     parser.add_argument(
-        "--reward-options", help='per reward, its options: JSON (\'{"clip_score": {"scale_100": true}}\') or a '
-        ".json/.yaml file"
-    )  # fmt: skip
+        "--reward-options",
+        help='per reward, its options: a JSON object (\'{"clip_score": {"scale_100": true}}\') or a .json/.yaml file',
+    )
     parser.add_argument("--seeds", type=positive_int, default=4, help="images per prompt, seeds 0..N-1 (default 4)")
     parser.add_argument(
-        "--configs", help=f"comma-separated, from {list(CONFIGURATIONS)} (default: base,bundle with --bundle, else base)"
+        "--configs",
+        help=f"comma-separated, from {list(CONFIGURATIONS)} (default: base,bundle with --bundle, else base)",
     )
     parser.add_argument(
-        "--guidance-grid", type=guidance_grid, help="W1:W2,...: run the bundle configuration at each pair of "
-        "guidance_scale:expansion_guidance_scale, e.g. 5:0,0:5,5:5"
-    )  # fmt: skip
-    parser.add_argument("--guidance-scale", type=scale, help="w1 (default: the bundle's, else 5)")
+        "--guidance-grid",
+        type=guidance_grid,
+        help="W1:W2,...: run the bundle configuration at each guidance_scale:expansion_guidance_scale pair, "
+        "e.g. 5:0,0:5,5:5",
+    )
+    parser.add_argument("--guidance-scale", type=non_negative_float, help="w1 (default: the bundle's, else 5)")
     parser.add_argument(
-        "--expansion-guidance-scale", type=scale, help="w2 of the bundle configuration (default: the bundle's, else 5)"
+        "--expansion-guidance-scale",
+        type=non_negative_float,
+        help="w2 of the bundle configuration (default: the bundle's, else 5)",
     )
     parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default: the model's)")
@@ -176,20 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_reward_options(text: str | None, reward_names: list[str]) -> dict:
+    """``--reward-options``: a JSON object, or a JSON or YAML file holding one."""
     if text is None:
         return {}
-    path = Path(text)
-    if path.suffix in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise ValueError(f"--reward-options file {text!r} does not exist.")
-        import yaml  # JSON is YAML too
-
-        options = yaml.safe_load(path.read_text(encoding="utf-8"))
-    else:
+    if text.lstrip().startswith("{"):
         try:
             options = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--reward-options is neither a .json/.yaml file nor valid JSON: {error}.") from None
+            raise ValueError(f"--reward-options is not valid JSON: {error}.") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--reward-options {text!r} is neither a JSON object nor an existing .json/.yaml file.")
+        try:
+            options = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        except yaml.YAMLError as error:
+            raise ValueError(f"--reward-options file {text!r} is not valid YAML or JSON: {error}") from None
     if not isinstance(options, dict) or not all(isinstance(value, dict) for value in options.values()):
         raise ValueError(f"--reward-options must map reward names to option dicts, got {options!r}.")
     unknown = sorted(set(options) - set(reward_names))
@@ -209,14 +221,19 @@ def read_configurations(args: argparse.Namespace) -> list[Configuration]:
         raise ValueError(f"--configs repeats a configuration: {names}.")
     if args.guidance_grid and "bundle" not in names:
         raise ValueError("--guidance-grid runs the 'bundle' configuration at each pair; add 'bundle' to --configs.")
+    if args.expansion_guidance_scale is not None and ("bundle" not in names or args.guidance_grid):
+        raise ValueError(
+            "--expansion-guidance-scale sets w2 of the 'bundle' configuration: it needs 'bundle' in --configs and "
+            "no --guidance-grid (whose pairs set w2)."
+        )
     configurations = []
     for name in names:
         if name == "bundle" and args.guidance_grid:
-            configurations += [Configuration(f"bundle@{w1:g}:{w2:g}", True, w1, w2) for w1, w2 in args.guidance_grid]
+            configurations += [Configuration(name, f"{name}@{w1:g}:{w2:g}", w1, w2) for w1, w2 in args.guidance_grid]
         elif name == "bundle":
-            configurations.append(Configuration(name, True, args.guidance_scale, args.expansion_guidance_scale))
+            configurations.append(Configuration(name, name, args.guidance_scale, args.expansion_guidance_scale))
         else:
-            configurations.append(Configuration(name, name != "base", args.guidance_scale, 0.0))
+            configurations.append(Configuration(name, name, args.guidance_scale, 0.0))
     return configurations
 
 
@@ -400,9 +417,10 @@ def higher_is_better(reward_name: str) -> bool:
     return REGISTRY[reward_name].higher_is_better if reward_name in REGISTRY else True
 
 
-def reward_statistics(records: list[dict], reward_names: list[str], base: str | None = "base") -> dict:
+def reward_statistics(records: list[dict], reward_names: list[str]) -> dict:
     """Per reward and configuration: the mean and standard error over the finite values, and the win rate against
-    ``base`` on the same (prompt, seed) pairs (ties count one half; pairs with a non-finite value are left out)."""
+    ``base`` (when evaluated) on the same (prompt, seed) pairs; ties count one half, pairs with a non-finite value
+    are left out."""
     labels = list(dict.fromkeys(record["configuration"] for record in records))
     statistics = {}
     for name in reward_names:
@@ -415,9 +433,10 @@ def reward_statistics(records: list[dict], reward_names: list[str], base: str | 
             finite = torch.tensor([v for v in values[label].values() if math.isfinite(v)], dtype=torch.float64)
             entry = {"mean": finite.mean().item(), "standard_error": (finite.std() / len(finite) ** 0.5).item(),
                      "n": len(finite)}  # fmt: skip
-            if base in values and label != base:
-                pairs = [(v, values[base][key]) for key, v in values[label].items()
-                         if key in values[base] and math.isfinite(v) and math.isfinite(values[base][key])]  # fmt: skip
+            if "base" in values and label != "base":
+                base = values["base"]
+                pairs = [(v, base[key]) for key, v in values[label].items()
+                         if key in base and math.isfinite(v) and math.isfinite(base[key])]  # fmt: skip
                 wins = sum((v > b) if better else (v < b) for v, b in pairs) + 0.5 * sum(v == b for v, b in pairs)
                 entry["win_rate"] = wins / len(pairs) if pairs else math.nan
                 entry["pairs"] = len(pairs)
@@ -431,19 +450,20 @@ def summary_markdown(evaluation: Evaluation, records: list[dict]) -> str:
     first = {}
     for record in records:
         first.setdefault(record["configuration"], record)
+    scales = [
+        [c.label, CONFIGURATIONS[c.name], f"{first[c.label]['guidance_scale']:g}",
+         f"{first[c.label]['expansion_guidance_scale']:g}"]
+        for c in evaluation.configurations
+    ]  # fmt: skip
     width, height = Image.open(evaluation.output_dir / records[0]["image"]).size
     lines = [
         "# Evaluation",
         "",
-        f"- model: {evaluation.model or 'the tiny embedded model'}" + (f"; bundle: {evaluation.bundle}" if evaluation.bundle else ""),
-        f"- prompts: {Path(evaluation.prompts_file).name}, {len(evaluation.prompts)} prompts × {evaluation.seeds} seeds "
-        f"(0..{evaluation.seeds - 1}); {evaluation.steps} steps, {width}×{height}, {evaluation.dtype}",
+        f"- model: {evaluation.model or 'the tiny embedded model'}; bundle: {evaluation.bundle or 'none'}",
+        f"- prompts: {Path(evaluation.prompts_file).name}, {len(evaluation.prompts)} prompts × {evaluation.seeds} "
+        f"seeds (0..{evaluation.seeds - 1}); {evaluation.steps} steps, {width}×{height}, {evaluation.dtype}",
         "",
-        markdown_table(
-            ["configuration", "what", "guidance_scale (w1)", "expansion_guidance_scale (w2)"],
-            [[c.label, CONFIGURATIONS[c.label.split("@")[0]], f"{first[c.label]['guidance_scale']:g}",
-              f"{first[c.label]['expansion_guidance_scale']:g}"] for c in evaluation.configurations],
-        ),  # fmt: skip
+        markdown_table(["configuration", "what", "guidance_scale (w1)", "expansion_guidance_scale (w2)"], scales),
     ]
     for name in reward_names:
         direction = "higher" if higher_is_better(name) else "lower"
@@ -451,8 +471,8 @@ def summary_markdown(evaluation: Evaluation, records: list[dict]) -> str:
         for label, entry in statistics[name].items():
             win = f"{100 * entry['win_rate']:.1f}% of {entry['pairs']}" if "win_rate" in entry else "—"
             rows.append([label, f"{entry['mean']:.4g} ± {entry['standard_error']:.2g}", str(entry["n"]), win])
-        lines += ["", f"## {name} ({direction} is better)", "",
-                  markdown_table(["configuration", "mean ± standard error", "n", "win rate vs base"], rows)]  # fmt: skip
+        table = markdown_table(["configuration", "mean ± standard error", "n", "win rate vs base"], rows)
+        lines += ["", f"## {name} ({direction} is better)", "", table]
     lines += [
         "",
         "Win rate: the share of (prompt, seed) pairs on which the configuration scores better than `base` on the "
