@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import check_scale
 from .pipeline_parrot import ParrotPipeline
 from .tiny import default_tiny_model
 
@@ -25,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the prompt")
     parser.add_argument("--negative-prompt", help="replaces the empty prompt of the unconditional branch")
     parser.add_argument("--expanded-prompt", help="use this expansion verbatim instead of running the expander")
+    add_sampling_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seeds both the expansion and the image (default 0)")
+    add_device_arguments(parser)
+    parser.add_argument("--out", type=Path, default=Path("parrot.png"), help="output image path (default parrot.png)")
+    return parser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with ``python -m train.evaluate``; ``check_sampling_arguments`` checks them."""
     parser.add_argument(
         "--guidance-scale", type=float, help="w1, on the original prompt (default: the bundle's, else 5)"
     )
@@ -36,10 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds both the expansion and the image (default 0)")
-    add_device_arguments(parser)
-    parser.add_argument("--out", type=Path, default=Path("parrot.png"), help="output image path (default parrot.png)")
-    return parser
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """Ranges of the sampling flags, checked before any model loads."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {args.steps}.")
+    scales = {"--guidance-scale": args.guidance_scale, "--expansion-guidance-scale": args.expansion_guidance_scale}
+    for flag, value in scales.items():
+        if value is not None:
+            check_scale(flag, value)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"{flag} must be a positive multiple of 8, got {value}.")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,11 +96,10 @@ def load_pipeline(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be ≥ 1, got {args.steps}")
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         parser.error(f"--out must end in .png, .jpg, .jpeg or .webp, got {args.out}")
     try:
+        check_sampling_arguments(args)
         args.device = resolve_device(args.device)
         generate(args)
     except (ValueError, TypeError, OSError) as error:

@@ -36,7 +36,13 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from parrot_pipeline.bundle import DEFAULT_EXPANSION_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE
-from parrot_pipeline.cli import add_device_arguments, load_pipeline, resolve_device
+from parrot_pipeline.cli import (
+    add_device_arguments,
+    add_sampling_arguments,
+    check_sampling_arguments,
+    load_pipeline,
+    resolve_device,
+)
 
 from .outputs import markdown_table, replacing, save_grid
 from .prompts import read_prompts
@@ -170,15 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="W1:W2,...: run the bundle configuration at each guidance_scale:expansion_guidance_scale pair, "
         "e.g. 5:0,0:5,5:5",
     )
-    parser.add_argument("--guidance-scale", type=non_negative_float, help="w1 (default: the bundle's, else 5)")
-    parser.add_argument(
-        "--expansion-guidance-scale",
-        type=non_negative_float,
-        help="w2 of the bundle configuration (default: the bundle's, else 5)",
-    )
-    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default: the model's)")
-    parser.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default: the model's)")
+    add_sampling_arguments(parser)  # --guidance-scale (all configurations), --expansion-guidance-scale (bundle)
     parser.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default 4)")
     add_device_arguments(parser)
     parser.add_argument("--output-dir", type=Path, required=True, help="where the images and tables go")
@@ -245,9 +243,7 @@ def prepare(args: argparse.Namespace) -> Evaluation:
         raise ValueError(f"--rewards must list distinct reward names separated by commas, got {args.rewards!r}.")
     options = read_reward_options(args.reward_options, reward_names)
     rewards = {name: resolve_reward(name, options.get(name)) for name in reward_names}
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and value % 8:
-            raise ValueError(f"{flag} must be a multiple of 8, got {value}.")
+    check_sampling_arguments(args)
     evaluation = Evaluation(
         model=args.model, bundle=args.bundle, prompts_file=args.prompts, prompts=prompts, seeds=args.seeds,
         rewards=rewards, reward_options=options, configurations=read_configurations(args), steps=args.steps,
