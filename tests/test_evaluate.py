@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import train.evaluate
-from train.evaluate import main, reward_statistics
+from train.evaluate import main, read_reward_options, reward_statistics
 from train.prompts import read_prompts
 from train.rewards import REGISTRY, RewardInfo, resolve_reward, score_images
 
@@ -283,6 +283,14 @@ def test_prompt_files_of_benchmarks(tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": " a cat ", "id": 1}\n\n{"prompt": "a dog"}\n')
     assert read_prompts(jsonl) == ["a cat", "a dog"]
+
+
+def test_reward_options_as_json_or_a_file(tmp_path):
+    expected = {"clip_score": {"scale_100": True, "model": "local-dir:/models/clip"}}
+    (tmp_path / "options.yaml").write_text("clip_score:\n  scale_100: true\n  model: local-dir:/models/clip\n")
+    (tmp_path / "options.json").write_text(json.dumps(expected))
+    for source in (json.dumps(expected), str(tmp_path / "options.yaml"), str(tmp_path / "options.json")):
+        assert read_reward_options(source, ["clip_score", "colorfulness"]) == expected
 
 
 @pytest.mark.parametrize("name", ["animals", "activities", "scenes"])
