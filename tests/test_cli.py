@@ -33,8 +33,8 @@ def test_generate_with_model_and_bundle_matches_the_pipeline(tiny_sd, bundle_dir
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--height", "65"], "`height` and `width`"),
-        (["--guidance-scale", "-2"], "`guidance_scale` must be a finite number"),
+        (["--height", "65"], "--height must be a positive multiple of 8, got 65"),
+        (["--guidance-scale", "-2"], "`--guidance-scale` must be a finite number ≥ 0, got -2.0"),
         (["--bundle", "./missing-bundle-folder"], "neither an existing local folder"),
     ],
 )

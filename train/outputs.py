@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +34,24 @@ class MetricsWriter:
         partial = self.path.with_suffix(".tmp")
         partial.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
         partial.replace(self.path)
+
+
+@contextmanager
+def replacing(path: Path):
+    """Yield a temporary path next to ``path`` that replaces ``path`` when the block succeeds, so a reader or an
+    interrupted run never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".partial-{path.name}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|---" * len(header) + "|", *lines[1:]])
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
@@ -121,14 +141,13 @@ trained model (expansion, identifiers and original-prompt-centred guidance with
 
 def evaluation_table(results: dict, reward_names: list[str]) -> str:
     """The final held-out comparison as a Markdown table."""
-    header = "| model | " + " | ".join(reward_names) + " | hypervolume |"
-    rule = "|---" * (len(reward_names) + 2) + "|"
-    rows = []
-    for label, result in results.items():
-        means = " | ".join(f"{result['means'][name]:.4g}" for name in reward_names)
-        rows.append(f"| {label} | {means} | {result['hypervolume']:.4f} |")
+    rows = [
+        [label, *(f"{result['means'][name]:.4g}" for name in reward_names), f"{result['hypervolume']:.4f}"]
+        for label, result in results.items()
+    ]
     gain = results["trained"]["hypervolume"] - results["base"]["hypervolume"]
     sign = "+" if gain >= 0 else ""
-    return "\n".join([header, rule, *rows, f"\nhypervolume gain (trained − base): {sign}{gain:.4f}"]) + (
+    table = markdown_table(["model", *reward_names, "hypervolume"], rows)
+    return "\n".join([table, f"\nhypervolume gain (trained − base): {sign}{gain:.4f}"]) + (
         "" if math.isfinite(gain) else "\n(non-finite: some rewards were not finite)"
     )

@@ -58,6 +58,7 @@ from .checkpoint import latest_checkpoint, remove_partial_checkpoints, sha256_of
 from .config import LORA_TARGETS, TrainConfig, resume_differences
 from .outputs import MetricsWriter, evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
 from .pareto import compare_reward_sets, non_dominated_mask
+from .prompts import read_prompts
 from .rewards import resolve_reward, score_images
 from .sampling import (
     Trajectories,
@@ -84,18 +85,6 @@ def policy_loss(
     if clip_range is None:
         return loss
     return torch.maximum(loss, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line) or JSONL (a ``prompt`` field per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Prompt file {str(path)!r} does not exist.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
-    if not prompts:
-        raise ValueError(f"Prompt file {str(path)!r} holds no prompts.")
-    return prompts
 
 
 def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
