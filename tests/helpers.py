@@ -91,6 +91,14 @@ def save_tiny_open_clip(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def add_tiny_open_clip_architecture(folder: Path, name: str = "tiny-open-clip-arch") -> str:
+    """Register ``TINY_OPEN_CLIP`` as a built-in open_clip architecture named ``name`` (as ``ViT-H-14`` is one), with
+    open_clip's ``add_model_config``; weights then come from a checkpoint file."""
+    (folder / f"{name}.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(folder / f"{name}.json")
+    return name
+
+
 def tiny_transformers_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP ViT (width 32, 32 px input) with the tiny CLIP tokenizer and OpenAI's image preprocessing."""
     tokenizer = tiny_clip_tokenizer()

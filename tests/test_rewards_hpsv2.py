@@ -1,5 +1,5 @@
-"""HPS v2.1 on a tiny open_clip architecture whose weights come from a ``{"state_dict": …}`` checkpoint, like
-``HPS_v2.1_compressed.pt``."""
+"""HPS v2.1 on a tiny open_clip architecture, registered as a built-in config like ``ViT-H-14``, whose weights come
+from a ``{"state_dict": …}`` checkpoint like ``HPS_v2.1_compressed.pt``."""
 
 import open_clip
 import pytest
@@ -11,19 +11,19 @@ from torchvision.transforms import InterpolationMode
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import save_tiny_open_clip, tiny_open_clip
+from .helpers import add_tiny_open_clip_architecture, tiny_open_clip
 
 PROMPTS = ["a red fox in the snow", "a castle on a hill at sunset"]
 
 
 @pytest.fixture(scope="module")
 def hps(tmp_path_factory):
-    """The architecture folder (with its own weights, which the checkpoint must replace) and the checkpoint."""
-    folder = save_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"), seed=0)
+    """The architecture's name and the checkpoint, with the model it holds."""
+    folder = tmp_path_factory.mktemp("hps")
+    architecture = add_tiny_open_clip_architecture(folder, "tiny-hps-arch")
     fine_tuned = tiny_open_clip(seed=5)
-    checkpoint = tmp_path_factory.mktemp("hps") / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": fine_tuned.state_dict()}, checkpoint)
-    return folder, checkpoint, fine_tuned.eval()
+    torch.save({"state_dict": fine_tuned.state_dict()}, folder / "HPS_v2.1_compressed.pt")
+    return architecture, folder / "HPS_v2.1_compressed.pt", fine_tuned.eval()
 
 
 def hps_preprocess(image, size=32):
@@ -38,12 +38,12 @@ def hps_preprocess(image, size=32):
 
 
 def test_hpsv2_is_the_cosine_under_the_checkpoint_weights(hps):
-    folder, checkpoint, fine_tuned = hps
-    reward = resolve_reward("hpsv2", {"model": f"local-dir:{folder}", "checkpoint": str(checkpoint)})
+    architecture, checkpoint, fine_tuned = hps
+    reward = resolve_reward("hpsv2", {"model": architecture, "checkpoint": str(checkpoint)})
     images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
     scores = reward(images, ["expanded text, not scored"] * 2, {"original_prompts": PROMPTS})
 
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(architecture)
     with torch.no_grad():
         image_features = fine_tuned.encode_image(torch.stack([hps_preprocess(image) for image in to_pil(images)]))
         text_features = fine_tuned.encode_text(tokenizer(PROMPTS))
@@ -52,8 +52,8 @@ def test_hpsv2_is_the_cosine_under_the_checkpoint_weights(hps):
 
 
 def test_preprocessing_resizes_the_longest_side_and_pads_like_hps(hps):
-    folder, checkpoint, _ = hps
-    reward = resolve_reward("hpsv2", {"model": f"local-dir:{folder}", "checkpoint": str(checkpoint)})
+    architecture, checkpoint, _ = hps
+    reward = resolve_reward("hpsv2", {"model": architecture, "checkpoint": str(checkpoint)})
     reward.clip.load()
     for height, width in ((24, 64), (64, 40), (33, 33)):
         image = to_pil(torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height)))[0]
@@ -64,20 +64,21 @@ def test_preprocessing_resizes_the_longest_side_and_pads_like_hps(hps):
     torch.testing.assert_close(padded[:, -12:].mean(dim=(1, 2)), black)
 
 
-def test_a_checkpoint_that_does_not_fit_names_the_model(hps, tmp_path):
-    folder, _, _ = hps
+def test_a_checkpoint_that_does_not_fit_names_it_and_the_architecture(hps, tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"state_dict": {"visual.proj": torch.zeros(3, 3)}}, path)
-    reward = resolve_reward("hpsv2", {"model": f"local-dir:{folder}", "checkpoint": str(path)})
-    with pytest.raises(ValueError, match="does not fit the open_clip model 'local-dir:"):
+    reward = resolve_reward("hpsv2", {"model": hps[0], "checkpoint": str(path)})
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' into the open_clip architecture 'tiny-hps-arch'"):
         reward(torch.rand(1, 3, 32, 32), ["a cat"], {})
+    with pytest.raises(ValueError, match="`checkpoint` needs `model` to be a built-in open_clip architecture"):
+        resolve_reward("hpsv2", {"model": "local-dir:/some/folder", "checkpoint": str(path)})
 
 
 def test_the_missing_default_checkpoint_offline_names_it_and_the_local_file_way(hps, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    reward = resolve_reward("hpsv2", {"model": f"local-dir:{hps[0]}"})
+    reward = resolve_reward("hpsv2", {"model": hps[0]})
     message = r"(?s)'hf-hub:xswu/HPSv2/HPS_v2.1_compressed.pt'.*hf download xswu/HPSv2 HPS_v2.1_compressed.pt"
     with pytest.raises(OSError, match=message) as error:
         reward(torch.rand(1, 3, 32, 32), ["a cat"], {})

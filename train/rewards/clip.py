@@ -22,6 +22,7 @@ from . import register
 DEFAULT_CLIP_MODEL = "hf-hub:timm/vit_base_patch32_clip_224.openai"
 OPENAI_VIT_L_14 = "hf-hub:timm/vit_large_patch14_clip_224.openai"
 
+OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names that bring their own weights
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -88,10 +89,10 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
 class OpenClipModel:
     """An open_clip model, tokenizer and preprocessing, loaded on first use.
 
-    ``model`` is an open_clip name: ``hf-hub:owner/repo``, ``local-dir:/path`` (a folder holding
-    ``open_clip_config.json`` and the weights, as on the Hub), or a built-in architecture such as ``ViT-H-14``.
-    ``checkpoint`` (a local file or ``hf-hub:owner/repo/file``) replaces the weights with a fine-tuned state dict;
-    ``resize_mode`` overrides the preprocessing's resize (open_clip's ``shortest``, ``longest`` or ``squash``).
+    ``model`` is an open_clip name: ``hf-hub:owner/repo`` or ``local-dir:/path`` (a folder holding
+    ``open_clip_config.json`` and the weights, as on the Hub); or a built-in architecture such as ``ViT-H-14`` with
+    its weights in ``checkpoint`` (a state-dict file, local or ``hf-hub:owner/repo/file``), which open_clip loads
+    itself. ``resize_mode`` overrides the preprocessing's resize (open_clip's ``shortest``, ``longest``, ``squash``).
     """
 
     def __init__(self, model: str = DEFAULT_CLIP_MODEL, device: str | None = None, precision: str = "fp32",
@@ -103,6 +104,11 @@ class OpenClipModel:
         self.checkpoint = checkpoint
         if checkpoint is not None:
             hub_location(checkpoint, "checkpoint")
+            if model.startswith(OPEN_CLIP_SCHEMAS):
+                raise ValueError(
+                    f"Reward option `checkpoint` needs `model` to be a built-in open_clip architecture such as "
+                    f"'ViT-H-14' (see open_clip.list_models()), not {model!r}, which brings its own weights."
+                )
         self.resize_mode = resize_mode
         self.model = self.preprocess = self.tokenizer = None
 
@@ -112,23 +118,21 @@ class OpenClipModel:
         checkpoint = hub_file(self.checkpoint, "checkpoint") if self.checkpoint is not None else None
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(
-                self.name, device=self.device, precision=self.precision, image_resize_mode=self.resize_mode,
-                load_weights=self.checkpoint is None,
+                self.name, pretrained=checkpoint, device=self.device, precision=self.precision,
+                image_resize_mode=self.resize_mode,
             )  # fmt: skip
             self.tokenizer = open_clip.get_tokenizer(self.name)
         except (OSError, RuntimeError, ValueError) as error:
+            if checkpoint is not None:  # already local: the file does not fit the architecture
+                raise ValueError(
+                    f"Could not load the checkpoint {self.checkpoint!r} into the open_clip architecture "
+                    f"{self.name!r}: {error}"
+                ) from None
             raise OSError(
                 f"Could not load the open_clip model {self.name!r} ({type(error).__name__}: {error}). Offline, "
                 "download it once where the Hub is reachable and point the reward at the folder with "
                 "reward_options: {<reward>: {model: 'local-dir:/path/to/folder'}}."
             ) from error
-        if checkpoint is not None:
-            try:
-                open_clip.load_checkpoint(model, checkpoint, weights_only=True)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"Checkpoint {checkpoint!r} does not fit the open_clip model {self.name!r}: {error}"
-                ) from None
         self.model = model.eval()
 
     @property

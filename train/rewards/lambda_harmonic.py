@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .clip import OpenClipModel, TransformersClipModel
+from .clip import OPEN_CLIP_SCHEMAS, OpenClipModel, TransformersClipModel
 from .references import ReferenceEmbeddings
 
 # ALIGN, the vision–language model RPO's authors used.
@@ -14,7 +14,7 @@ DEFAULT_MODEL = "kakaobrain/align-base"
 
 def dual_encoder(model: str, device: str | None, precision: str) -> OpenClipModel | TransformersClipModel:
     """open_clip for names with its schema (``hf-hub:``, ``local-dir:``); transformers for any other id or folder."""
-    if model.startswith(("hf-hub:", "local-dir:")):
+    if model.startswith(OPEN_CLIP_SCHEMAS):
         return OpenClipModel(model, device, precision)
     return TransformersClipModel(model, device=device, precision=precision)
 
