@@ -84,3 +84,12 @@ def test_a_missing_head_fails_with_the_id_and_the_local_file_way(tiny_clip_dir, 
     message = r"(?s)'hf-hub:someone/not-cached/head.pth'.*hf download someone/not-cached head.pth.*head: /path/to/"
     with pytest.raises(OSError, match=message):
         reward(IMAGES, ["unused"] * 3, {})
+
+
+def test_the_backbone_runs_in_the_chosen_precision(tiny_clip_dir, head_file):
+    options = {"model": f"local-dir:{tiny_clip_dir}", "head": str(head_file), "device": "cpu"}
+    full = resolve_reward("aesthetic", options)(IMAGES, ["unused"] * 3, {})
+    half = resolve_reward("aesthetic", {**options, "precision": "bf16"})
+    scores = half(IMAGES, ["unused"] * 3, {})
+    assert half.clip.model.visual.conv1.weight.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, full, rtol=0, atol=0.02)

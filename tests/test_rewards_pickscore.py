@@ -65,3 +65,13 @@ def test_a_missing_model_offline_names_the_id_and_the_local_folder_way(pickscore
     reward = resolve_reward("pickscore", {"model": str(pickscore_dirs[0])})
     with pytest.raises(OSError, match=r"(?s)'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'.*processor: DIR"):
         reward(torch.rand(1, 3, 32, 32), ["a cat"], {})
+
+
+def test_the_model_runs_in_the_chosen_precision_and_scores_come_back_in_float32(pickscore_dirs):
+    options = {"model": str(pickscore_dirs[0]), "processor": str(pickscore_dirs[1]), "device": "cpu"}
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    full = resolve_reward("pickscore", options)(images, PROMPTS[:2], {})
+    half = resolve_reward("pickscore", {**options, "precision": "bf16"})
+    scores = half(images, PROMPTS[:2], {})
+    assert half.clip.model.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, full, rtol=0, atol=0.3)  # a 20-wide scale times bf16's ~1 % rounding

@@ -86,8 +86,43 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
         ) from error
 
 
-class OpenClipModel:
-    """An open_clip model, tokenizer and preprocessing, loaded on first use.
+class DualEncoder:
+    """What the CLIP-style wrappers share: a model loaded on first use, and L2-normalised float32 embeddings of
+    images and texts, computed without gradients. Subclasses load the model and encode 8-bit PIL images and texts."""
+
+    def __init__(self, device: str | None, precision: str):
+        self.device = pick_device(device)
+        self.precision = precision
+        self.dtype = torch_dtype(precision)
+        self.model = None
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        self.load()
+        return self.model.logit_scale.exp().float()
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        self.load()
+        return torch.nn.functional.normalize(self.encode_images(to_pil(images)).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        self.load()
+        return torch.nn.functional.normalize(self.encode_texts(list(texts)).float(), dim=-1)
+
+
+class OpenClipModel(DualEncoder):
+    """An open_clip model, tokenizer and preprocessing.
 
     ``model`` is an open_clip name: ``hf-hub:owner/repo`` or ``local-dir:/path`` (a folder holding
     ``open_clip_config.json`` and the weights, as on the Hub); or a built-in architecture such as ``ViT-H-14`` with
@@ -97,10 +132,8 @@ class OpenClipModel:
 
     def __init__(self, model: str = DEFAULT_CLIP_MODEL, device: str | None = None, precision: str = "fp32",
                  checkpoint: str | None = None, resize_mode: str | None = None):  # fmt: skip
+        super().__init__(device, precision)
         self.name = model
-        self.device = pick_device(device)
-        self.precision = precision
-        self.dtype = torch_dtype(precision)
         self.checkpoint = checkpoint
         if checkpoint is not None:
             hub_location(checkpoint, "checkpoint")
@@ -110,7 +143,7 @@ class OpenClipModel:
                     f"'ViT-H-14' (see open_clip.list_models()), not {model!r}, which brings its own weights."
                 )
         self.resize_mode = resize_mode
-        self.model = self.preprocess = self.tokenizer = None
+        self.preprocess = self.tokenizer = None
 
     def load(self) -> None:
         if self.model is not None:
@@ -135,27 +168,16 @@ class OpenClipModel:
             ) from error
         self.model = model.eval()
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        self.load()
-        return self.model.logit_scale.exp().float()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in images])
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
 
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        self.load()
-        pixels = torch.stack([self.preprocess(image) for image in to_pil(images)])
-        features = self.model.encode_image(pixels.to(self.device, self.dtype))
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        self.load()
-        features = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
-        return torch.nn.functional.normalize(features.float(), dim=-1)
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
-class TransformersClipModel:
-    """A CLIP-style dual encoder from transformers (CLIP, ALIGN, …) and its processor, loaded on first use.
+class TransformersClipModel(DualEncoder):
+    """A CLIP-style dual encoder from transformers (CLIP, ALIGN, …) and its processor.
 
     ``model`` is a Hub id or a folder written by ``save_pretrained``; ``processor`` is where the processor lives when
     the model repo lacks one (PickScore uses LAION's). Images go through the processor's PIL backend, the one the
@@ -163,11 +185,10 @@ class TransformersClipModel:
     """
 
     def __init__(self, model: str, processor: str | None = None, device: str | None = None, precision: str = "fp32"):
+        super().__init__(device, precision)
         self.name = model
         self.processor_name = processor or model
-        self.device = pick_device(device)
-        self.dtype = torch_dtype(precision)
-        self.model = self.processor = None
+        self.processor = None
 
     def load(self) -> None:
         if self.model is not None:
@@ -178,24 +199,13 @@ class TransformersClipModel:
         )  # fmt: skip
         self.model = load_pretrained(AutoModel, self.name, "model", dtype=self.dtype).to(self.device).eval()
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        self.load()
-        return self.model.logit_scale.exp().float()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        return self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
 
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        self.load()
-        pixels = self.processor(images=to_pil(images), return_tensors="pt").pixel_values
-        features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        self.load()
-        tokens = self.processor(text=list(texts), padding=True, truncation=True, return_tensors="pt")
-        features = self.model.get_text_features(**tokens.to(self.device)).pooler_output
-        return torch.nn.functional.normalize(features.float(), dim=-1)
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+        return self.model.get_text_features(**tokens.to(self.device)).pooler_output
 
 
 @register("clip_score", value_range="[-1, 1] cosine; [0, 100] with scale_100", description="CLIP text–image alignment")
