@@ -5,31 +5,18 @@ import json
 import open_clip
 import pytest
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
-from safetensors.torch import save_file
 
 from train.config import load_config
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from .helpers import save_tiny_open_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    """``open_clip_config.json`` + ``open_clip_model.safetensors``: the layout of open_clip repos on the Hub."""
-    folder = tmp_path_factory.mktemp("tiny-open-clip")
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CLIP)
-    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
-    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": preprocess}))
-    return folder
+    return save_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"))
 
 
 def test_clip_score_is_the_cosine_of_the_reference_embeddings(tiny_clip_dir):

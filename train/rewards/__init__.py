@@ -79,4 +79,4 @@ def score_images(
     return torch.stack(columns, dim=1)
 
 
-from . import clip, image_stats  # noqa: E402,F401  (register the rewards)
+from . import aesthetic, clip, dino, hpsv2, image_stats, lambda_harmonic, pickscore, sentiment  # noqa: E402,F401
