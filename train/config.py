@@ -59,6 +59,7 @@ class TrainConfig:
     reward_options: dict | None = None  # per reward name, its options, e.g. {clip_score: {model: "local-dir:/m"}}
     reward_weights: list[float] | None = None  # dpok/ddpo: weighted sum (default equal weights); parrot: unused
     reward_identifiers: list[str] | None = None  # parrot: default "<reward 1>" … "<reward K>"
+    reward_worker_overlap: bool = True  # score a chunk's images in a worker thread while the next chunk samples
 
     # --- sampling ----------------------------------------------------------------------------------------------
     resolution: int = 512

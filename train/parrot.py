@@ -28,6 +28,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -149,6 +150,7 @@ class Trainer:
         self.sft_pairs = load_pairs(config.expander_sft_data) if load_sft_pairs else None
         options = config.reward_options or {}
         self.reward_fns = {name: resolve_reward(name, options.get(name)) for name in config.rewards}
+        self.reward_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
 
         self.device = self.accelerator.device
         self.rng = random.Random(config.seed)  # the same on every process: prompts, expansions, timesteps
@@ -422,27 +424,47 @@ class Trainer:
             return [compose_expanded_prompt([identifier], expansion) for identifier in self.identifiers]
         return [prompt]
 
-    def sample(self, texts: list[str]):
+    def sample(self, texts: list[str], on_chunk=None):
         """Trajectories of this process's share of the ``images_per_prompt`` samples of each text, in chunks of
-        ``train_batch_size``."""
+        ``train_batch_size``; ``on_chunk(rows, images)`` is called with each chunk's decoded images as soon as they
+        exist (training scores them there, in a worker thread, while the next chunk samples)."""
         config = self.config
         prompt_embeds, negative_embeds = encode_prompts(self.pipe, texts)
         prompt_embeds = prompt_embeds.repeat_interleave(self.local_images, dim=0)
         negative_embeds = negative_embeds.repeat_interleave(self.local_images, dim=0)
-        chunks = []
-        with self.accelerator.autocast():
-            for start in range(0, len(prompt_embeds), config.train_batch_size):
-                chunk = slice(start, start + config.train_batch_size)
-                chunks.append(
-                    sample_trajectories(
-                        self.pipe, self.scheduler, prompt_embeds[chunk], negative_embeds[chunk],
-                        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                        eta=config.eta, height=config.resolution, width=config.resolution, generator=self.generator,
-                    )  # fmt: skip
-                )
-        trajectories = Trajectories.cat(chunks)
-        images = torch.cat([decode_images(self.pipe, chunk.final_latents) for chunk in chunks])
-        return trajectories, images
+        chunks, images = [], []
+        for start in range(0, len(prompt_embeds), config.train_batch_size):
+            rows = slice(start, start + config.train_batch_size)
+            with self.accelerator.autocast():
+                chunk = sample_trajectories(
+                    self.pipe, self.scheduler, prompt_embeds[rows], negative_embeds[rows],
+                    num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    eta=config.eta, height=config.resolution, width=config.resolution, generator=self.generator,
+                )  # fmt: skip
+            chunks.append(chunk)
+            images.append(decode_images(self.pipe, chunk.final_latents))
+            if on_chunk is not None:
+                on_chunk(rows, images[-1])
+        return Trajectories.cat(chunks), torch.cat(images)
+
+    def sample_and_score(self, prompt: str, texts: list[str]):
+        """Sample every text's images and score them with all rewards: ``(trajectories, images, [rows, K])``.
+
+        With ``reward_worker``, a chunk's rewards are computed in a worker thread while the next chunk samples
+        (rewards on the CPU or on a device of their own then cost no sampling time)."""
+        branch_prompts = [text for text in texts for _ in range(self.local_images)]
+        metadata = {"original_prompts": [prompt] * len(branch_prompts), "expanded_prompts": branch_prompts}
+        scored = []
+
+        def score(rows: slice, images: torch.Tensor) -> None:
+            chunk_metadata = {key: values[rows] for key, values in metadata.items()}
+            scored.append(self.reward_worker.submit(score_images, self.reward_fns, images, [prompt] * len(images),
+                                                    chunk_metadata))  # fmt: skip
+            if not self.config.reward_worker_overlap:
+                scored[-1].result()
+
+        trajectories, images = self.sample(texts, on_chunk=score)
+        return trajectories, images, torch.cat([future.result() for future in scored])
 
     def select(self, prompt: str, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which samples train, and their advantages. ``rewards`` is the global ``[groups·N, K]``, group-major."""
@@ -604,11 +626,8 @@ class Trainer:
             expansion = expansions.texts[0]
         else:
             expansion = prompt
-        texts = self.branch_texts(prompt, expansion)
-        trajectories, images = self.sample(texts)
-        branch_prompts = [text for text in texts for _ in range(self.local_images)]
-        metadata = {"original_prompts": [prompt] * len(images), "expanded_prompts": branch_prompts}
-        selection = self.select_global(prompt, score_images(self.reward_fns, images, [prompt] * len(images), metadata))
+        trajectories, _, local_rewards = self.sample_and_score(prompt, self.branch_texts(prompt, expansion))
+        selection = self.select_global(prompt, local_rewards)
         rewards, selected = selection.rewards, selection.selected
 
         record = {"iteration": self.iteration, "prompt": prompt, "expanded_prompt": expansion}
