@@ -284,6 +284,7 @@ class Trainer:
             "expander_sft_sha256": self.expander_sft_sha256,
             "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
+            "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "tracker": {key: list(values) for key, values in self.tracker.buffers.items()},
             "history": self.history,
             "sft_losses": self.sft_losses,
@@ -302,6 +303,8 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
             self.lr_schedulers[name].load_state_dict(state["lr_schedulers"][name])
+        if state["grad_scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.tracker.buffers = defaultdict(lambda: deque(maxlen=self.tracker.buffer_size))
         for key, values in state["tracker"].items():
             self.tracker.buffers[key].extend(values)
@@ -588,14 +591,23 @@ class Trainer:
             flat = self._collective("summing gradients", self.accelerator.reduce, flat, "sum")
             for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
                 parameter.grad = grad.view_as(parameter)
+        scaler = self.accelerator.scaler  # fp16 on CUDA: accelerator.backward scaled the loss
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads and not torch.stack([torch.isfinite(grad).all() for grad in grads]).all():
             logger.warning("iteration %d: non-finite %s gradient; the update is skipped", self.iteration, name)
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # a smaller loss scale next time
             return False
         if self.config.max_grad_norm is not None:
-            self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
-        optimizer.step()
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         self.lr_schedulers[name].step()
         optimizer.zero_grad(set_to_none=True)
         return True
