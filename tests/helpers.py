@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from peft import LoraConfig
 
@@ -43,3 +48,20 @@ def add_expander_lora(pipe: ParrotPipeline, seed: int = 1):
         LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
     )
     randomize_lora(pipe.expander, seed, scale=0.5)
+
+
+def add_to_hub_cache(cache_dir, repo_id: str, folder, commit: str = "0" * 40):
+    """Put ``folder`` in a Hugging Face cache as model repo ``repo_id`` (its ``main`` revision), in the cache's own
+    layout: content-addressed blobs, and a snapshot of symlinks to them."""
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copyfile(file, blob)
+            link = repo / "snapshots" / commit / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return repo / "snapshots" / commit
