@@ -3,8 +3,6 @@ Guider node first runs (it needs ComfyUI)."""
 
 from __future__ import annotations
 
-import math
-
 import comfy.samplers
 
 from parrot_pipeline.guidance import parrot_guidance
@@ -30,7 +28,7 @@ class Guider_Parrot(comfy.samplers.CFGGuider):
         original = self.conds.get("positive")
         negative = self.conds.get("negative")
         expanded = self.conds.get("expanded")
-        if math.isclose(self.w2, 0.0) and not model_options.get("disable_cfg1_optimization", False):
+        if self.w2 == 0 and not model_options.get("disable_cfg1_optimization", False):
             expanded = None  # w2 = 0 is plain CFG: skip the expanded branch
         conds = [original, negative, expanded]
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)

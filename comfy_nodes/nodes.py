@@ -10,7 +10,14 @@ from __future__ import annotations
 from .paths import all_bundles, resolve_bundle
 
 CATEGORY = "Parrot"
-SCALE = {"min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}
+SCALE = {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}
+# The inputs the Parrot Guider and the KSampler conditioning share: both prompts and both guidance scales.
+GUIDANCE_INPUTS = {
+    "original": ("CONDITIONING", {"tooltip": "The encoded original prompt c."}),
+    "expanded": ("CONDITIONING", {"tooltip": "The encoded expanded prompt ĉ."}),
+    "w1": ("FLOAT", {**SCALE, "tooltip": "Guidance scale on the original prompt."}),
+    "w2": ("FLOAT", {**SCALE, "tooltip": "Guidance scale on the expanded prompt."}),
+}
 
 
 def parse_rewards(text: str) -> list[str] | None:
@@ -124,14 +131,15 @@ class ParrotGuider:
 
     @classmethod
     def INPUT_TYPES(cls):
+        original, expanded, w1, w2 = GUIDANCE_INPUTS.values()
         return {
             "required": {
                 "model": ("MODEL",),
-                "original": ("CONDITIONING", {"tooltip": "The encoded original prompt c."}),
-                "expanded": ("CONDITIONING", {"tooltip": "The encoded expanded prompt ĉ."}),
+                "original": original,
+                "expanded": expanded,
                 "negative": ("CONDITIONING", {"tooltip": "The encoded negative (or empty) prompt ∅."}),
-                "w1": ("FLOAT", {"default": 5.0, **SCALE, "tooltip": "Guidance scale on the original prompt."}),
-                "w2": ("FLOAT", {"default": 5.0, **SCALE, "tooltip": "Guidance scale on the expanded prompt."}),
+                "w1": w1,
+                "w2": w2,
             }
         }
 
@@ -159,14 +167,7 @@ class ParrotKSamplerConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "original": ("CONDITIONING", {"tooltip": "The encoded original prompt c."}),
-                "expanded": ("CONDITIONING", {"tooltip": "The encoded expanded prompt ĉ."}),
-                "w1": ("FLOAT", {"default": 5.0, **SCALE, "tooltip": "Guidance scale on the original prompt."}),
-                "w2": ("FLOAT", {"default": 5.0, **SCALE, "tooltip": "Guidance scale on the expanded prompt."}),
-            }
-        }
+        return {"required": dict(GUIDANCE_INPUTS)}
 
     def combine(self, original, expanded, w1: float, w2: float):
         check_scales(w1, w2)

@@ -103,6 +103,7 @@ def test_comfyui_loads_every_parrot_node(comfy_server, sd15):
     imports = log[log.index("Import times for custom nodes:") :].splitlines()
     ours = [line for line in imports[1:6] if "parrot-pipeline" in line]
     assert len(ours) == 1 and "IMPORT FAILED" not in ours[0], imports[:6]
+    assert float(ours[0].split()[0]) < 1.0  # seconds: nothing heavy at import
     assert "Unable to parse pyproject.toml" not in log
 
     info = comfy_server.get("/object_info")
