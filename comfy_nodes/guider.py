@@ -14,7 +14,8 @@ class Guider_Parrot(comfy.samplers.CFGGuider):
     ComfyUI's models return denoised predictions rather than noise; the combination has weights summing to one, so
     it is the same on either. Pre- and post-CFG hooks run as in ``PerpNegGuider``: the pre-CFG hooks see
     ``[original, negative, expanded]`` (cond and uncond first, as they expect), the post-CFG hooks the guided result
-    with ``cond_scale = w1`` and the expanded branch as ``expanded_cond``/``expanded_cond_denoised``.
+    with ``cond_scale = w1`` and the expanded branch as ``expanded_cond``/``expanded_cond_denoised``. A
+    ``sampler_cfg_function`` replaces two-branch CFG as a whole, so like ``PerpNegGuider`` this guider does not use one.
     """
 
     def set_conds(self, original, expanded, negative):

@@ -191,7 +191,7 @@ def test_parrot_guider_equals_dual_cfg_and_the_guidance_function(comfy_server, s
                    "cfg_conds": W2, "cfg_cond2_negative": W1 + W2, "style": "regular"},
     }  # fmt: skip
     sample_one_step(prompt, ["dual", 0], "dual")
-    prompt["parrot_w2_0"] = {**copy.deepcopy(prompt["parrot"])}
+    prompt["parrot_w2_0"] = copy.deepcopy(prompt["parrot"])
     prompt["parrot_w2_0"]["inputs"]["w2"] = 0.0
     sample_one_step(prompt, ["parrot_w2_0", 0], "parrot_w2_0")
     prompt["cfg"] = {
@@ -210,6 +210,13 @@ def test_parrot_guider_equals_dual_cfg_and_the_guidance_function(comfy_server, s
                    "latent_image": ["12", 0], "denoise": 1.0},
     }  # fmt: skip
     prompt["save_ksampler"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ksampler", 0], "filename_prefix": "test/ksampler"}}
+    # ComfyUI's guidance hooks: TCFG (pre-CFG) and CFGZeroStar (post-CFG) patched onto the model
+    prompt["tcfg"] = {"class_type": "TCFG", "inputs": {"model": ["2", 0]}}
+    prompt["hooked"] = {"class_type": "CFGZeroStar", "inputs": {"model": ["tcfg", 0]}}
+    for name, node in (("parrot_hooked", "parrot"), ("parrot_w2_0_hooked", "parrot_w2_0"), ("cfg_hooked", "cfg")):
+        prompt[name] = copy.deepcopy(prompt[node])
+        prompt[name]["inputs"]["model"] = ["hooked", 0]
+        sample_one_step(prompt, [name, 0], name)
 
     latents = saved_latents(comfy_server.run_ok(prompt), comfy_server.base / "output")
     parrot = latents["parrot"]
@@ -218,6 +225,10 @@ def test_parrot_guider_equals_dual_cfg_and_the_guidance_function(comfy_server, s
     assert (parrot - parrot_guidance(latents["negative"], latents["original"], None, W1, 0.0)).abs().max() > 1e-2
     assert torch.equal(latents["parrot_w2_0"], latents["cfg"])  # w2 = 0 is ComfyUI's CFG, bit for bit
     assert_close(latents["ksampler"], latents["parrot_x"])  # KSampler + Parrot Conditioning: the same step
+    # The hooks see what they see under CFGGuider (w2 = 0), and act on the Parrot step too
+    assert torch.equal(latents["parrot_w2_0_hooked"], latents["cfg_hooked"])
+    assert (latents["cfg_hooked"] - latents["cfg"]).abs().max() > 1e-3
+    assert (latents["parrot_hooked"] - parrot).abs().max() > 1e-3
 
 
 def test_bundle_lora_is_comfyuis_lora_loader(comfy_server, sd15):
