@@ -89,7 +89,9 @@ class ParrotExpander:
         dtype = torch.float16 if comfy.model_management.should_use_fp16(load_device) else torch.float32
         lm, tokenizer = bundle.load_expander(torch_dtype=dtype)
         patcher = comfy.model_patcher.ModelPatcher(
-            ExpanderModule(lm), load_device=load_device, offload_device=comfy.model_management.text_encoder_offload_device()
+            ExpanderModule(lm),
+            load_device=load_device,
+            offload_device=comfy.model_management.text_encoder_offload_device(),
         )
         return cls(name, bundle.config, patcher, tokenizer)
 

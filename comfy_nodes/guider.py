@@ -35,8 +35,16 @@ class Guider_Parrot(comfy.samplers.CFGGuider):
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn(
-                {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
-                 "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+                {
+                    "conds": conds,
+                    "conds_out": out,
+                    "cond_scale": self.cfg,
+                    "timestep": timestep,
+                    "input": x,
+                    "sigma": timestep,
+                    "model": self.inner_model,
+                    "model_options": model_options,
+                }
             )
         original_pred, negative_pred, expanded_pred = out
         guided = parrot_guidance(
@@ -44,9 +52,19 @@ class Guider_Parrot(comfy.samplers.CFGGuider):
         )
         for fn in model_options.get("sampler_post_cfg_function", []):
             guided = fn(
-                {"denoised": guided, "cond": original, "uncond": negative, "cond_scale": self.cfg,
-                 "model": self.inner_model, "uncond_denoised": negative_pred, "cond_denoised": original_pred,
-                 "sigma": timestep, "model_options": model_options, "input": x,
-                 "expanded_cond": expanded, "expanded_cond_denoised": expanded_pred}
+                {
+                    "denoised": guided,
+                    "cond": original,
+                    "uncond": negative,
+                    "cond_scale": self.cfg,
+                    "model": self.inner_model,
+                    "uncond_denoised": negative_pred,
+                    "cond_denoised": original_pred,
+                    "sigma": timestep,
+                    "model_options": model_options,
+                    "input": x,
+                    "expanded_cond": expanded,
+                    "expanded_cond_denoised": expanded_pred,
+                }
             )
         return guided

@@ -64,10 +64,19 @@ class ParrotBundleLoader:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A checkpoint of the architecture the bundle was trained on."}),
-                "bundle": (sorted(all_bundles()), {"tooltip": "The bundle folder (parrot_config.json, LoRA, expander/)."}),
+                "bundle": (
+                    sorted(all_bundles()),
+                    {"tooltip": "The bundle folder (parrot_config.json, LoRA, expander/)."},
+                ),
                 "strength": (
                     "FLOAT",
-                    {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": "LoRA strength on the UNet."},
+                    {
+                        "default": 1.0,
+                        "min": -100.0,
+                        "max": 100.0,
+                        "step": 0.01,
+                        "tooltip": "LoRA strength on the UNet.",
+                    },
                 ),
             }
         }
@@ -97,15 +106,25 @@ class ParrotExpandPrompt:
                 "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The short prompt to expand."}),
                 "seed": (
                     "INT",
-                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                     "tooltip": "Seeds the expander's sampling: the same seed gives the same expansion."},
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seeds the expander's sampling: the same seed gives the same expansion.",
+                    },
                 ),
-                "max_new_tokens": ("INT", {"default": 77, "min": 1, "max": 512, "tooltip": "Length limit of the expansion."}),
+                "max_new_tokens": (
+                    "INT",
+                    {"default": 77, "min": 1, "max": 512, "tooltip": "Length limit of the expansion."},
+                ),
                 "rewards": (
                     "STRING",
-                    {"default": "all",
-                     "tooltip": "Identifiers to prepend: all, none, or reward names separated by commas "
-                                "(the bundle's reward_names)."},
+                    {
+                        "default": "all",
+                        "tooltip": "Identifiers to prepend: all, none, or reward names separated by commas "
+                        "(the bundle's reward_names).",
+                    },
                 ),
             }
         }

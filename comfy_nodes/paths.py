@@ -20,7 +20,9 @@ PARROT_FOLDER = "parrot"
 HUB_PREFIX = "hf:"
 
 
-def local_bundles(lora_roots: Sequence[str | os.PathLike], parrot_roots: Sequence[str | os.PathLike]) -> dict[str, Path]:
+def local_bundles(
+    lora_roots: Sequence[str | os.PathLike], parrot_roots: Sequence[str | os.PathLike]
+) -> dict[str, Path]:
     """Bundle name → folder for the bundles under ComfyUI's model folders; the first root holding a name wins.
 
     Under ``loras`` folders only folders with a ``parrot_config.json`` are bundles (the rest are LoRA files and

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,8 @@ def test_importing_the_pack_loads_no_model_library_and_no_comfyui():
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module; spec.loader.exec_module(module)\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['pack'] = module\n"
+        "spec.loader.exec_module(module)\n"
         "heavy = ['torch', 'diffusers', 'transformers', 'peft', 'parrot_pipeline', 'comfy', 'folder_paths']\n"
         "print(sorted(module.NODE_CLASS_MAPPINGS), [name for name in heavy if name in sys.modules])\n"
     )
@@ -170,7 +170,9 @@ def test_only_listed_names_resolve(tmp_path):
     bundles = local_bundles([], [tmp_path / "parrot"])
     assert resolve_bundle("mine", bundles) == tmp_path / "parrot" / "mine"
     for name in ("../outside", str(tmp_path / "outside"), "mine/..", "hf:someone/else"):
-        with pytest.raises(ValueError, match=rf"Parrot bundle '{name}' was not found\. Put bundle folders in .* found: mine\."):
+        with pytest.raises(
+            ValueError, match=rf"Parrot bundle '{name}' was not found\. Put bundle folders in .* found: mine\."
+        ):
             resolve_bundle(name, bundles)
 
 
@@ -213,7 +215,9 @@ def test_workflows_use_the_parrot_nodes_as_declared():
         if node["class_type"] not in NODE_CLASS_MAPPINGS:
             continue
         parrot_node = NODE_CLASS_MAPPINGS[node["class_type"]]
-        assert set(node["inputs"]) == set(inspect.signature(getattr(parrot_node, parrot_node.FUNCTION)).parameters) - {"self"}
+        assert set(node["inputs"]) == set(inspect.signature(getattr(parrot_node, parrot_node.FUNCTION)).parameters) - {
+            "self"
+        }
         if node["class_type"] not in OFFLINE_NODES:
             continue
         values = iter(ui[key]["widgets_values"])
@@ -229,6 +233,7 @@ def test_workflows_use_the_parrot_nodes_as_declared():
 
 
 def test_requirements_txt_is_the_package_dependencies_without_torch():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     requirements = [
         line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")

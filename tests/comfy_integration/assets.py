@@ -96,19 +96,28 @@ def build_sd15_assets(server) -> Path:
         # transformers 5 saves CLIPTextModel without the "text_model." prefix of SD 1.5's published
         # text_encoder/model.safetensors, the layout ComfyUI's loader reads: write it in that layout.
         text_encoder_file = diffusers_folder / "text_encoder" / "model.safetensors"
-        save_file({"text_model." + key: value for key, value in load_file(text_encoder_file).items()}, text_encoder_file)
+        save_file(
+            {"text_model." + key: value for key, value in load_file(text_encoder_file).items()}, text_encoder_file
+        )
         server.run_ok(
             {
                 "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "sd15-random"}},
                 "2": {
                     "class_type": "CheckpointSave",
-                    "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/sd15"},
+                    "inputs": {
+                        "model": ["1", 0],
+                        "clip": ["1", 1],
+                        "vae": ["1", 2],
+                        "filename_prefix": "checkpoints/sd15",
+                    },
                 },
             }
         )
         server.post("/free", {"unload_models": True, "free_memory": True})
         saved = server.base / "output" / "checkpoints" / "sd15_00001_.safetensors"
-        state_dict = {key: value.half() if value.is_floating_point() else value for key, value in load_file(saved).items()}
+        state_dict = {
+            key: value.half() if value.is_floating_point() else value for key, value in load_file(saved).items()
+        }
         # ComfyUI fills weights it did not find with whatever memory held: check that every weight made it.
         position_embedding = state_dict["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"]
         if not torch.equal(position_embedding, pipe.text_encoder.state_dict()["embeddings.position_embedding.weight"]):

@@ -60,7 +60,9 @@ class ComfyServer:
 
     def post(self, route: str, data: dict):
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{route}", data=json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+            f"http://127.0.0.1:{self.port}{route}",
+            data=json.dumps(data).encode(),
+            headers={"Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:

@@ -70,10 +70,22 @@ def sample_one_step(prompt: dict, guider: list, name: str) -> None:
     node = f"sample_{name}"
     prompt[node] = {
         "class_type": "SamplerCustomAdvanced",
-        "inputs": {"noise": ["9", 0], "guider": guider, "sampler": ["10", 0], "sigmas": ["11", 0], "latent_image": ["12", 0]},
+        "inputs": {
+            "noise": ["9", 0],
+            "guider": guider,
+            "sampler": ["10", 0],
+            "sigmas": ["11", 0],
+            "latent_image": ["12", 0],
+        },
     }
-    prompt[f"save_{name}"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 1], "filename_prefix": f"test/{name}"}}
-    prompt[f"save_{name}_x"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": f"test/{name}_x"}}
+    prompt[f"save_{name}"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": [node, 1], "filename_prefix": f"test/{name}"},
+    }
+    prompt[f"save_{name}_x"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": [node, 0], "filename_prefix": f"test/{name}_x"},
+    }
 
 
 def basic_guider(prompt: dict, cond: list, name: str, model=("2", 0)) -> None:
@@ -182,7 +194,14 @@ def test_parrot_guider_equals_dual_cfg_and_the_guidance_function(comfy_server, s
     prompt = base_graph()
     prompt["parrot"] = {
         "class_type": "ParrotGuider",
-        "inputs": {"model": ["2", 0], "original": ["5", 0], "expanded": ["6", 0], "negative": ["7", 0], "w1": W1, "w2": W2},
+        "inputs": {
+            "model": ["2", 0],
+            "original": ["5", 0],
+            "expanded": ["6", 0],
+            "negative": ["7", 0],
+            "w1": W1,
+            "w2": W2,
+        },
     }
     sample_one_step(prompt, ["parrot", 0], "parrot")
     prompt["dual"] = {
@@ -201,15 +220,19 @@ def test_parrot_guider_equals_dual_cfg_and_the_guidance_function(comfy_server, s
     for name, cond in (("original", "5"), ("expanded", "6"), ("negative", "7")):
         basic_guider(prompt, [cond, 0], name)
     prompt["ksampler_cond"] = {
-        "class_type": "ParrotKSamplerConditioning", "inputs": {"original": ["5", 0], "expanded": ["6", 0], "w1": W1, "w2": W2}
-    }  # fmt: skip
+        "class_type": "ParrotKSamplerConditioning",
+        "inputs": {"original": ["5", 0], "expanded": ["6", 0], "w1": W1, "w2": W2},
+    }
     prompt["ksampler"] = {
         "class_type": "KSampler",
         "inputs": {"model": ["2", 0], "seed": 0, "steps": 1, "cfg": ["ksampler_cond", 1], "sampler_name": "euler",
                    "scheduler": "normal", "positive": ["ksampler_cond", 0], "negative": ["7", 0],
                    "latent_image": ["12", 0], "denoise": 1.0},
     }  # fmt: skip
-    prompt["save_ksampler"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ksampler", 0], "filename_prefix": "test/ksampler"}}
+    prompt["save_ksampler"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": ["ksampler", 0], "filename_prefix": "test/ksampler"},
+    }
     # ComfyUI's guidance hooks: TCFG (pre-CFG) and CFGZeroStar (post-CFG) patched onto the model
     prompt["tcfg"] = {"class_type": "TCFG", "inputs": {"model": ["2", 0]}}
     prompt["hooked"] = {"class_type": "CFGZeroStar", "inputs": {"model": ["tcfg", 0]}}
@@ -236,13 +259,19 @@ def test_bundle_lora_is_comfyuis_lora_loader(comfy_server, sd15):
     cache copy of the bundle loads the same."""
     prompt = base_graph()
     prompt["lora_loader"] = {
-        "class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": BUNDLE_LORA, "strength_model": 0.7}
-    }  # fmt: skip
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["1", 0], "lora_name": BUNDLE_LORA, "strength_model": 0.7},
+    }
     prompt["2"]["inputs"]["strength"] = 0.7
     prompt["hub_loader"] = {
         "class_type": "ParrotBundleLoader", "inputs": {"model": ["1", 0], "bundle": f"hf:{HUB_BUNDLE}", "strength": 0.7}
     }  # fmt: skip
-    for name, model in (("bundle", ("2", 0)), ("lora", ("lora_loader", 0)), ("hub", ("hub_loader", 0)), ("base", ("1", 0))):
+    for name, model in (
+        ("bundle", ("2", 0)),
+        ("lora", ("lora_loader", 0)),
+        ("hub", ("hub_loader", 0)),
+        ("base", ("1", 0)),
+    ):
         basic_guider(prompt, ["5", 0], name, model=model)
     log_start = len(comfy_server.log_text())
     latents = saved_latents(comfy_server.run_ok(prompt), comfy_server.base / "output")
@@ -261,7 +290,11 @@ def test_bundle_lora_is_comfyuis_lora_loader(comfy_server, sd15):
         ("corrupt-kohya", PROMPT, r"parrot_lora_kohya\.safetensors could not be read as a safetensors file"),
         ("other-architecture", PROMPT, r"does not fit this model: it was trained on .* Load a checkpoint"),
         ("no-expander-folder", PROMPT, r"describes an expander but the expander/ folder is missing"),
-        ("missing-expander-base", PROMPT, r"could not load the expander from expander/ \(base model .*deleted-expander-base"),
+        (
+            "missing-expander-base",
+            PROMPT,
+            r"could not load the expander from expander/ \(base model .*deleted-expander-base",
+        ),
         (BUNDLE, "   ", r"`prompt` is empty: type the short prompt"),
     ],
 )
