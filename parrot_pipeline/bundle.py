@@ -112,6 +112,28 @@ class ParrotConfig:
                 f"parrot-pipeline (it reads version {FORMAT_VERSION}); upgrade parrot-pipeline."
             )
 
+    def select_identifiers(self, selection: list[int | str], field: str = "reward_identifiers") -> list[str]:
+        """The identifiers of the rewards in ``selection`` (indices or reward names), in its order.
+
+        ``field`` names the caller's argument in error messages.
+        """
+        names, identifiers = self.reward_names, self.reward_identifiers
+        if selection and not identifiers:
+            raise ValueError(
+                f"`{field}`: this bundle has no reward identifiers (it was trained without them); select none."
+            )
+        chosen = []
+        for item in selection:
+            if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(identifiers):
+                chosen.append(identifiers[item])
+            elif isinstance(item, str) and item in names:
+                chosen.append(identifiers[names.index(item)])
+            else:
+                raise ValueError(
+                    f"Unknown entry {item!r} in `{field}`: use indices 0..{len(names) - 1} or reward names {names}."
+                )
+        return chosen
+
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["expander"] = self.expander.to_dict() if self.expander else None

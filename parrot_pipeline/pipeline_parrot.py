@@ -190,19 +190,7 @@ class ParrotPipeline(StableDiffusionPipeline):
             raise ValueError(
                 "`reward_identifiers` needs a loaded Parrot bundle (`load_parrot_weights`); pass None or [] without one."
             )
-        names, identifiers = self.parrot_config.reward_names, self.parrot_config.reward_identifiers
-        chosen = []
-        for item in reward_identifiers:
-            if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(identifiers):
-                chosen.append(identifiers[item])
-            elif isinstance(item, str) and item in names:
-                chosen.append(identifiers[names.index(item)])
-            else:
-                raise ValueError(
-                    f"Unknown entry {item!r} in `reward_identifiers`: use indices 0..{len(names) - 1} or reward names "
-                    f"{names}."
-                )
-        return chosen
+        return self.parrot_config.select_identifiers(reward_identifiers)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation

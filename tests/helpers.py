@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -158,3 +161,20 @@ def aesthetic_head_state(embed_dim: int, seed: int = 0) -> dict[str, torch.Tenso
         state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5
         state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=generator) * 0.1
     return state
+
+
+def add_to_hub_cache(cache_dir, repo_id: str, folder, commit: str = "0" * 40):
+    """Put ``folder`` in a Hugging Face cache as model repo ``repo_id`` (its ``main`` revision), in the cache's own
+    layout: content-addressed blobs, and a snapshot of symlinks to them."""
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in sorted(Path(folder).rglob("*")):
+        if file.is_file():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copyfile(file, blob)
+            link = repo / "snapshots" / commit / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return repo / "snapshots" / commit

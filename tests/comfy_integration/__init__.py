@@ -1,0 +1,1 @@
+"""ComfyUI integration suite (needs COMFYUI_PATH)."""

@@ -1,0 +1,139 @@
+"""A Stable Diffusion 1.5 checkpoint with random weights and a Parrot bundle for it, built once and cached.
+
+The UNet, VAE and CLIP text encoder have SD 1.5's exact configurations, so ComfyUI's own model detection takes the
+checkpoint; ComfyUI itself (DiffusersLoader → CheckpointSave) writes the single file, which is stored in float16
+(about 2 GB). The cache is ``$PARROT_COMFY_TEST_CACHE`` (default ``~/.cache/parrot_pipeline/comfy-tests``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from parrot_pipeline import ParrotPipeline
+from parrot_pipeline.tiny import _build_once, save_tiny_expander, tiny_clip_tokenizer
+
+from ..helpers import add_expander_lora, randomize_lora
+
+VERSION = "v1"
+CHECKPOINT = "parrot-sd15-random.safetensors"
+BUNDLE = "parrot-sd15-random"
+REWARDS = ["aesthetic", "clip_score"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PARROT_COMFY_TEST_CACHE", Path.home() / ".cache" / "parrot_pipeline" / "comfy-tests"))
+
+
+def sd15_pipeline() -> ParrotPipeline:
+    """SD 1.5's UNet, VAE and text encoder (CLIP ViT-L/14) with random weights, in float16."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    return ParrotPipeline(
+        vae=vae.half(),
+        text_encoder=text_encoder.half(),
+        tokenizer=tiny_clip_tokenizer(),  # ComfyUI brings its own SD 1.x tokenizer; this one only fills the slot
+        unet=unet.half(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_expander_base() -> Path:
+    return _build_once(cache_root() / f"tiny-expander-{VERSION}", save_tiny_expander)
+
+
+def build_sd15_assets(server) -> Path:
+    """``<cache>/sd15-random-<VERSION>/`` with ``checkpoints/<CHECKPOINT>`` and the bundle ``loras/<BUNDLE>/``,
+    built through ``server`` (a running ComfyServer) unless already cached."""
+    expander_base = tiny_expander_base()
+
+    def build(folder: Path) -> None:
+        pipe = sd15_pipeline()
+        diffusers_folder = server.base / "models" / "diffusers" / "sd15-random"
+        pipe.save_pretrained(diffusers_folder)
+        # transformers 5 saves CLIPTextModel without the "text_model." prefix of SD 1.5's published
+        # text_encoder/model.safetensors, the layout ComfyUI's loader reads: write it in that layout.
+        text_encoder_file = diffusers_folder / "text_encoder" / "model.safetensors"
+        save_file(
+            {"text_model." + key: value for key, value in load_file(text_encoder_file).items()}, text_encoder_file
+        )
+        server.run_ok(
+            {
+                "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "sd15-random"}},
+                "2": {
+                    "class_type": "CheckpointSave",
+                    "inputs": {
+                        "model": ["1", 0],
+                        "clip": ["1", 1],
+                        "vae": ["1", 2],
+                        "filename_prefix": "checkpoints/sd15",
+                    },
+                },
+            }
+        )
+        server.post("/free", {"unload_models": True, "free_memory": True})
+        saved = server.base / "output" / "checkpoints" / "sd15_00001_.safetensors"
+        state_dict = {
+            key: value.half() if value.is_floating_point() else value for key, value in load_file(saved).items()
+        }
+        # ComfyUI fills weights it did not find with whatever memory held: check that every weight made it.
+        position_embedding = state_dict["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"]
+        if not torch.equal(position_embedding, pipe.text_encoder.state_dict()["embeddings.position_embedding.weight"]):
+            raise RuntimeError("ComfyUI did not load the text encoder of the random SD 1.5 model")
+        if not all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point()):
+            raise RuntimeError("the random SD 1.5 checkpoint written by ComfyUI has non-finite weights")
+        (folder / "checkpoints").mkdir()
+        save_file(state_dict, folder / "checkpoints" / CHECKPOINT)
+        del state_dict
+        saved.unlink()
+        shutil.rmtree(diffusers_folder)
+
+        pipe.load_expander(expander_base)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        randomize_lora(pipe.unet, seed=0, scale=0.05)
+        add_expander_lora(pipe)
+        pipe.save_parrot_weights(folder / "loras" / BUNDLE, reward_names=REWARDS, base_model="sd15-random")
+
+    return _build_once(cache_root() / f"sd15-random-{VERSION}", build)
