@@ -64,8 +64,12 @@ def guided_noise(
     negative_embeds: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free-guided UNet prediction, both branches in one batched call."""
-    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(unet.dtype)
+    """Classifier-free-guided UNet prediction, both branches in one batched call.
+
+    The input takes the embeddings' dtype, the UNet's as in diffusers' pipelines (``unet.dtype`` walks every module,
+    a cost that shows on small models).
+    """
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(prompt_embeds.dtype)
     output = unet(model_input, timestep, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
     uncond, cond = output.chunk(2)
     return parrot_guidance(uncond, cond, None, guidance_scale, 0.0)
