@@ -1,6 +1,6 @@
 """DDPO training speed against TRL's DDPOTrainer and against the bare work of an iteration, in one run, on the CPU.
 
-Three processes, each a fresh child of this script, so that each one's peak memory is its own:
+Three trainers, each in a child process of this script, so that each one's peak memory is its own:
 
 1. ``trl``: TRL 0.23.1's ``DDPOTrainer`` (the last TRL release that has it), in its own virtual environment
    (``--trl-python``; TRL needs ``transformers<5``), with this project's ``jpeg_compressibility`` as its reward;
@@ -14,17 +14,19 @@ the same LoRA UNet and VAE, with fixed random inputs: the UNet forward passes of
 batch, as both trainers do), the VAE decode, and the forward + backward passes of training at every timestep over
 the samples the iteration back-propagated (all of them for DDPO, the Pareto front for Parrot). Nothing else (text
 encoding, scheduler arithmetic, log-probs, rewards, the optimiser step) counts, so no implementation can beat it
-at equal settings. Timing each iteration next to its floor in one process makes "fraction of the floor" robust to
-the load of a shared machine; TRL's floor runs in TRL's environment (an older diffusers) and is printed beside ours.
+at equal settings. TRL's floor runs in TRL's environment (an older diffusers) and is printed beside ours.
+
+The three children stay alive and take turns, round by round, so that they see the same drift of a shared
+machine's load. Values are medians over the timed rounds; each ratio is the median over the rounds of a paired
+ratio: an iteration against its own floor, or two trainers' images/s in the same round.
 
 Shared settings: the tiny embedded model saved as a plain Stable Diffusion folder, 64 px, batch 8, 10 DDIM steps
 with eta 1, guidance 5, LoRA rank 4 on the attention projections (TRL's only LoRA; ``lora_targets: attention``
 here), one inner epoch, every timestep trained with the gradient accumulated over them, PPO clip 1e-4,
 per-prompt advantages, gradient-norm clip 1, AdamW at 3e-4, one torch thread (steadier on a small shared
-machine). Each process warms up, then times several iterations; figures are medians. Wall time is what the targets
-are about; process CPU time is printed as a cross-check. Peak RSS is each child's own ``VmHWM`` (not
-``ru_maxrss``: a child started by ``subprocess`` inherits its parent's high-water mark there); it includes the
-floor's passes, which are the same in every child.
+machine). Wall time is what the targets are about; process CPU time is printed as a cross-check. Peak RSS is each
+child's own ``VmHWM`` (not ``ru_maxrss``: a child started by ``subprocess`` inherits its parent's high-water mark
+there); it includes the floor's passes, which are the same in every child.
 
 ``non_dominated_mask`` is timed at N = 4096, K = 4 and compared with an iteration producing 4096 images, taken as
 4096 × the measured seconds per image of the ``parrot`` mode.
@@ -139,7 +141,7 @@ def reply(message: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Children: each prints one JSON object as its last line of stdout.
+# Children: each loads its trainer, says which diffusers it runs, then serves ``step`` requests.
 
 
 def child_trl(args) -> None:
@@ -318,6 +320,14 @@ def summary(child: dict) -> dict:
     }
 
 
+def speedup(child: dict, peer: dict, clock: int) -> float:
+    """Median over the rounds of ``child``'s images/s ÷ ``peer``'s in the same round (the two ran back to back)."""
+    return statistics.median(
+        (child["images_per_iteration"] / mine["real"][clock]) / (peer["images_per_iteration"] / theirs["real"][clock])
+        for mine, theirs in zip(child["pairs"], peer["pairs"])
+    )
+
+
 def analyse(results: dict) -> dict:
     trl, ddpo, parrot = (summary(results[name]) for name in ("trl", "ddpo", "parrot"))
     fronts = [pair["front"] for pair in results["parrot"]["pairs"]]
@@ -336,14 +346,13 @@ def analyse(results: dict) -> dict:
         ("ddpo mode, images/s; ratio: of the floor", ddpo["images_per_second"][wall],
          ddpo["floor_images_per_second"][wall], ddpo["of_floor"][wall], "≥ 0.92", ddpo["of_floor"][wall] >= 0.92),
         ("ddpo mode vs TRL, images/s", ddpo["images_per_second"][wall], trl["images_per_second"][wall],
-         ddpo["images_per_second"][wall] / trl["images_per_second"][wall], "> 1",
-         ddpo["images_per_second"][wall] > trl["images_per_second"][wall]),
+         speedup(results["ddpo"], results["trl"], wall), "> 1", speedup(results["ddpo"], results["trl"], wall) > 1),
         ("  cross-check: ddpo vs TRL, fraction of floor", ddpo["of_floor"][wall], trl["of_floor"][wall],
          ddpo["of_floor"][wall] / trl["of_floor"][wall], "> 1", None),
         ("  cross-check, CPU time: ddpo, of the floor", ddpo["images_per_second"][cpu],
          ddpo["floor_images_per_second"][cpu], ddpo["of_floor"][cpu], "≥ 0.92", None),
         ("  cross-check, CPU time: ddpo vs TRL, images/s", ddpo["images_per_second"][cpu],
-         trl["images_per_second"][cpu], ddpo["images_per_second"][cpu] / trl["images_per_second"][cpu], "> 1", None),
+         trl["images_per_second"][cpu], speedup(results["ddpo"], results["trl"], cpu), "> 1", None),
         ("peak RSS, MiB: ddpo mode vs TRL", rss_ddpo, rss_trl, rss_ddpo / rss_trl, "≤ 1", rss_ddpo <= rss_trl),
         ("parrot mode, images/s; ratio: of its floor", parrot["images_per_second"][wall],
          parrot["floor_images_per_second"][wall], parrot["of_floor"][wall], "≥ 0.90",
@@ -351,7 +360,7 @@ def analyse(results: dict) -> dict:
         ("  cross-check, CPU time: parrot, of its floor", parrot["images_per_second"][cpu],
          parrot["floor_images_per_second"][cpu], parrot["of_floor"][cpu], "≥ 0.90", None),
         ("parrot mode vs TRL, images/s", parrot["images_per_second"][wall], trl["images_per_second"][wall],
-         parrot["images_per_second"][wall] / trl["images_per_second"][wall], "", None),
+         speedup(results["parrot"], results["trl"], wall), "", None),
         ("parrot mode, fraction of samples back-propagated", front_fraction, None, None, "", None),
         (f"non_dominated_mask N={MASK_N} K={MASK_K}, ms vs a {MASK_N}-image iteration", mask * 1000,
          mask_reference * 1000, mask / mask_reference, "≤ 0.01", mask / mask_reference <= 0.01),
@@ -385,14 +394,16 @@ def main() -> None:
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import diffusers
+    import transformers
+
+    logging.disable(logging.WARNING)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     if args.child:
-        import diffusers
-        import transformers
-
-        logging.disable(logging.WARNING)
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
         if args.child == "trl":
             child_trl(args)
         else:
