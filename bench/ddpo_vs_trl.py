@@ -317,6 +317,7 @@ def summary(child: dict) -> dict:
         "images_per_second": [images / seconds for seconds in real],
         "floor_images_per_second": [images / seconds for seconds in bare],
         "of_floor": [statistics.median(pair["floor"][c] / pair["real"][c] for pair in pairs) for c in (0, 1)],
+        "above_floor": [statistics.median(pair["real"][c] - pair["floor"][c] for pair in pairs) for c in (0, 1)],
     }
 
 
@@ -349,6 +350,8 @@ def analyse(results: dict) -> dict:
          speedup(results["ddpo"], results["trl"], wall), "> 1", speedup(results["ddpo"], results["trl"], wall) > 1),
         ("  cross-check: ddpo vs TRL, fraction of floor", ddpo["of_floor"][wall], trl["of_floor"][wall],
          ddpo["of_floor"][wall] / trl["of_floor"][wall], "> 1", None),
+        ("  cross-check, CPU time: ddpo vs TRL, ms above the floor", ddpo["above_floor"][cpu] * 1000,
+         trl["above_floor"][cpu] * 1000, ddpo["above_floor"][cpu] / trl["above_floor"][cpu], "< 1", None),
         ("  cross-check, CPU time: ddpo, of the floor", ddpo["images_per_second"][cpu],
          ddpo["floor_images_per_second"][cpu], ddpo["of_floor"][cpu], "≥ 0.92", None),
         ("  cross-check, CPU time: ddpo vs TRL, images/s", ddpo["images_per_second"][cpu],
