@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline_speed import peak_rss_kib  # this script's folder, bench/, is first on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure this checkout
 
@@ -72,11 +74,6 @@ PROMPTS = ROOT / "train" / "data" / "quickstart_prompts.txt"
 EVAL_PROMPTS = ROOT / "train" / "data" / "quickstart_eval_prompts.txt"
 PARROT_REWARDS = ["jpeg_compressibility", "colorfulness"]
 MASK_N, MASK_K = 4096, 4
-
-
-def peak_rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
 def clocks() -> tuple[float, float]:
