@@ -64,8 +64,12 @@ def guided_noise(
     negative_embeds: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free-guided UNet prediction, both branches in one batched call."""
-    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(unet.dtype)
+    """Classifier-free-guided UNet prediction, both branches in one batched call.
+
+    The input takes the embeddings' dtype, the UNet's as in diffusers' pipelines (diffusers' ``unet.dtype`` walks
+    every module, a cost that shows on small models).
+    """
+    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(prompt_embeds.dtype)
     output = unet(model_input, timestep, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
     uncond, cond = output.chunk(2)
     return parrot_guidance(uncond, cond, None, guidance_scale, 0.0)
@@ -105,7 +109,7 @@ class Trajectories:
 
 def encode_prompts(pipe: ParrotPipeline, prompts: list[str], negative_prompt: str | None = None):
     """Conditional and unconditional text embeddings, with the pipeline's own prompt encoding."""
-    return pipe.encode_prompt(prompts, pipe.unet.device, 1, True, [negative_prompt or ""] * len(prompts))
+    return pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, True, [negative_prompt or ""] * len(prompts))
 
 
 @torch.no_grad()
@@ -123,7 +127,7 @@ def sample_trajectories(
     generator: torch.Generator,
 ) -> Trajectories:
     """Sample one trajectory per row of ``prompt_embeds``, storing every latent and step log-prob."""
-    device = pipe.unet.device
+    device = prompt_embeds.device  # not ``pipe.unet.device``, which walks every module of the UNet
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = pipe.prepare_latents(
         len(prompt_embeds), pipe.unet.config.in_channels, height, width, torch.float32, device, generator
