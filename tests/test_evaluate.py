@@ -20,39 +20,19 @@ from train.evaluate import main, read_reward_options, reward_statistics
 from train.prompts import read_prompts
 from train.rewards import REGISTRY, RewardInfo, resolve_reward, score_images
 
+import tests.reward_probes as probes
+
 from .helpers import load, seeded
 
 PROMPTS = ["a red fox in the snow", "a lighthouse in a storm"]
 STEPS = "2"
-CALLS: list[int] = []  # batch sizes seen by `expansion_length`
-INTERRUPT_AT_CALL = None
-
-
-def expansion_length(images, prompts, metadata):
-    """A weight-free user reward that reads the metadata: the length of each image's expanded prompt."""
-    CALLS.append(len(images))
-    if len(CALLS) == INTERRUPT_AT_CALL:
-        raise KeyboardInterrupt
-    return torch.tensor([float(len(text)) for text in metadata["expanded_prompts"]])
-
-
-REWARDS = "colorfulness,sharpness,tests.test_evaluate:expansion_length"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy machine they cost several times the run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+REWARDS = "colorfulness,sharpness,tests.reward_probes:expansion_length"
 
 
 @pytest.fixture(autouse=True)
 def _reset_calls():
-    global INTERRUPT_AT_CALL
-    CALLS.clear()
-    INTERRUPT_AT_CALL = None
+    probes.expansion_calls.clear()
+    probes.interrupt_at_call = None
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +82,7 @@ def test_results_rows_scores_and_images(evaluated, tiny_sd, bundle_dir):
     for row in rows:
         scores = score_images(rewards, image_tensor(evaluated / row["image"]), [row["prompt"]], {})[0]
         assert [float(row["colorfulness"]), float(row["sharpness"])] == pytest.approx(scores.tolist(), rel=1e-5)
-        assert float(row["tests.test_evaluate:expansion_length"]) == len(row["expanded_prompt"] or row["prompt"])
+        assert float(row["tests.reward_probes:expansion_length"]) == len(row["expanded_prompt"] or row["prompt"])
 
     # The bundle's image of a (prompt, seed) is what the pipeline makes for that prompt and seed alone.
     pipe = load(tiny_sd)
@@ -151,10 +131,9 @@ def test_reward_statistics_by_hand(monkeypatch):
 def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
     evaluated, tiny_sd, bundle_dir, prompt_file, tmp_path, capsys
 ):
-    global INTERRUPT_AT_CALL
     output_dir = tmp_path / "run"
     args = run_args(tiny_sd, bundle_dir, prompt_file, output_dir)
-    INTERRUPT_AT_CALL = 3  # while scoring the bundle's first batch
+    probes.interrupt_at_call = 3  # while scoring the bundle's first batch
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 130
@@ -165,18 +144,18 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
     assert not (output_dir / "images" / "bundle").exists() or not any((output_dir / "images" / "bundle").iterdir())
     assert not (output_dir / "results.csv").exists()
 
-    CALLS.clear()
-    INTERRUPT_AT_CALL = None
+    probes.expansion_calls.clear()
+    probes.interrupt_at_call = None
     assert main(args) == 0
-    assert CALLS == [3, 1]  # only the bundle's four images are scored
+    assert probes.expansion_calls == [3, 1]  # only the bundle's four images are scored
     for name in ("results.csv", "summary.md", "grid.png", "run.json"):
         assert (output_dir / name).read_bytes() == (evaluated / name).read_bytes(), name
     for image in (evaluated / "images").glob("*/*"):
         assert (output_dir / image.relative_to(evaluated)).read_bytes() == image.read_bytes()
 
-    CALLS.clear()
+    probes.expansion_calls.clear()
     assert main(args) == 0  # complete: nothing to generate, the same files again
-    assert CALLS == []
+    assert probes.expansion_calls == []
     assert (output_dir / "results.csv").read_bytes() == (evaluated / "results.csv").read_bytes()
 
 

@@ -14,6 +14,8 @@ from train.config import load_config
 from train.parrot import Trainer
 from train.sft import load_pairs, pair_loss, supervised_finetune
 
+import tests.reward_probes as probes
+
 from .helpers import load, seeded
 
 
@@ -251,31 +253,18 @@ def test_single_reward_dpok_run_writes_its_plots_and_a_bundle_without_identifier
     assert pipe("a cat", num_inference_steps=1, output_type="latent").expanded_prompts is None
 
 
-def thread_recording_colorfulness(images, prompts, metadata):
-    import threading
-
-    from train.rewards import resolve_reward
-
-    SCORING_THREADS.append(threading.current_thread().name)
-    return resolve_reward("colorfulness")(images, prompts, metadata)
-
-
-SCORING_THREADS = []
-
-
 def test_rewards_scored_in_the_worker_thread_equal_scoring_in_line(tmp_path):
     records = {}
     for overlap in (True, False):
-        SCORING_THREADS.clear()
+        probes.scoring_threads.clear()
         config = small_config(tmp_path / str(overlap), "expander_model=null", "train_batch_size=2",
                               f"reward_worker_overlap={str(overlap).lower()}",
-                              "rewards=[jpeg_compressibility, tests.test_train_loop:thread_recording_colorfulness]")  # fmt: skip
-        trainer = Trainer(config)
-        records[overlap] = trainer.train_iteration()
+                              "rewards=[jpeg_compressibility, tests.reward_probes:thread_recording_mean]")  # fmt: skip
+        records[overlap] = Trainer(config).train_iteration()
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        assert len(SCORING_THREADS) == 4 and all(name.startswith("rewards") for name in SCORING_THREADS)
+        assert len(probes.scoring_threads) == 4 and all(name.startswith("rewards") for name in probes.scoring_threads)
     for record in records.values():
         record.pop("seconds")
     assert records[True] == records[False]
