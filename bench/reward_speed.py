@@ -32,7 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout's rewards
 
-from tests.helpers import (  # noqa: E402
+from tests.reward_models import (  # noqa: E402
     add_tiny_open_clip_architecture,
     aesthetic_head_state,
     save_pretrained_pair,

@@ -12,7 +12,7 @@ from train.config import load_config
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import aesthetic_head_state, save_tiny_open_clip
+from .reward_models import aesthetic_head_state, save_tiny_open_clip
 
 IMAGES = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(2))
 

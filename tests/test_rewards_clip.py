@@ -11,7 +11,7 @@ from train.config import load_config
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import save_tiny_open_clip
+from .reward_models import save_tiny_open_clip
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from transformers import ViTModel
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import IMAGENET_MEAN, IMAGENET_STD, save_pretrained_pair, tiny_dino
+from .reward_models import IMAGENET_MEAN, IMAGENET_STD, save_pretrained_pair, tiny_dino
 
 REFERENCES = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(9))
 IMAGES = torch.cat([REFERENCES[1:2], torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(10))])

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import add_tiny_open_clip_architecture, tiny_open_clip
+from .reward_models import add_tiny_open_clip_architecture, tiny_open_clip
 
 PROMPTS = ["a red fox in the snow", "a castle on a hill at sunset"]
 

@@ -9,7 +9,7 @@ from train.config import load_config
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import save_pretrained_pair, save_tiny_open_clip, tiny_align
+from .reward_models import save_pretrained_pair, save_tiny_open_clip, tiny_align
 
 PROMPTS = ["a photo of sks dog on a beach", "a sks dog in the snow", "a painting of sks dog"]
 SUBJECT = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(7))  # two reference images

@@ -10,7 +10,7 @@ from transformers import CLIPModel, CLIPProcessor
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 
-from .helpers import tiny_transformers_clip
+from .reward_models import tiny_transformers_clip
 
 PROMPTS = ["a red fox in the snow", "a castle on a hill at sunset", "a cat"]
 

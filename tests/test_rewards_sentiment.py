@@ -9,7 +9,7 @@ from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
 from train.rewards.sentiment import NEGATIVE, POSITIVE, TEMPLATES
 
-from .helpers import save_tiny_open_clip
+from .reward_models import save_tiny_open_clip
 
 IMAGES = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
 
