@@ -6,11 +6,14 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -274,8 +277,23 @@ def test_resume_refuses_other_subject_settings(tmp_path, monkeypatch):
         RPOTrainer(small_config(tmp_path, "resume=true", "identifier=zwx", "instance_prompt=a photo of zwx clock"))
 
 
-def test_the_whole_unet_variant_trains_every_weight_against_a_frozen_copy(tmp_path):
-    trainer = RPOTrainer(small_config(tmp_path, "full_unet=true", "max_steps=2", "learning_rate=0.001"))
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants
+
+    from .hub_standin import HubStandIn
+
+    monkeypatch.setattr("parrot_pipeline.bundle.time.sleep", lambda seconds: None)
+    with HubStandIn() as standin:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+        yield standin
+
+
+@pytest.mark.parametrize("precision", ["'no'", "bf16"])  # quoted: YAML reads a bare no as false
+def test_the_whole_unet_variant_trains_every_weight_against_a_frozen_copy(tmp_path, hub, precision):
+    trainer = RPOTrainer(small_config(tmp_path, "full_unet=true", "max_steps=2", "learning_rate=0.001",
+                                      f"mixed_precision={precision}", "push_to_hub=me/rpo-whole"))  # fmt: skip
     before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
     results = trainer.run()
     assert records(tmp_path / "run")[1]["delta"] == 0.0, "the frozen copy equals the model before the first step"
@@ -287,25 +305,36 @@ def test_the_whole_unet_variant_trains_every_weight_against_a_frozen_copy(tmp_pa
     assert results["output"] == str(model) and not (tmp_path / "run" / "bundle").exists()
     saved = json.loads((model / "parrot_config.json").read_text())
     assert saved["method"] == "rpo" and saved["extra"]["identifier"] == "sks"
-    loaded = StableDiffusionPipeline.from_pretrained(model)
+    loaded = DiffusionPipeline.from_pretrained(model)
+    assert isinstance(loaded, StableDiffusionPipeline)
     for name, parameter in loaded.unet.named_parameters():
         torch.testing.assert_close(parameter, trainer.best_weights[name], rtol=0, atol=0)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded("a sks clock", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
     assert "a sks clock in the snow" in (model / "README.md").read_text()
+    files = hub.repos["me/rpo-whole"]["files"]
+    assert files["model_index.json"] == (model / "model_index.json").read_bytes() and "parrot_config.json" in files
 
 
-def test_a_run_pushes_its_bundle_to_the_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    from .hub_standin import HubStandIn
-
-    monkeypatch.setattr("parrot_pipeline.bundle.time.sleep", lambda seconds: None)
-    with HubStandIn() as hub:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-        results = RPOTrainer(small_config(tmp_path, "max_steps=2", "push_to_hub=me/rpo-clock")).run()
+def test_a_run_pushes_its_bundle_to_the_hub(tmp_path, hub):
+    results = RPOTrainer(small_config(tmp_path, "max_steps=2", "push_to_hub=me/rpo-clock")).run()
     assert results["hub"]["url"].startswith(f"{hub.endpoint}/me/rpo-clock/commit/")
     files = hub.repos["me/rpo-clock"]["files"]
     assert "pytorch_lora_weights.safetensors" in files and "method-rpo" in files["README.md"].decode()
+
+
+def test_two_processes_train_the_same_weights_and_one_writes(tmp_path):
+    repository = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/rpo_multiprocess_run.py",
+               str(tmp_path), "device=cpu", *small_overrides(tmp_path, tmp_path / "negatives")[2:]]  # fmt: skip
+    result = subprocess.run(command, cwd=repository, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repository)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = (load_file(tmp_path / f"weights_rank{rank}.safetensors") for rank in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert [r["step"] for r in records(tmp_path / "run")] == [0, 1, 2, 2, 3, 4, 4], "one process writes the metrics"
+    assert (tmp_path / "run" / "bundle" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from parrot_pipeline.tiny import default_tiny_expander, default_tiny_model
 
 from .checkpoint import sha256_of
 from .config import LORA_TARGETS, RESUME_FIXED, TrainConfig
-from .outputs import MetricsWriter, evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
+from .outputs import evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
 from .pareto import compare_reward_sets, non_dominated_mask
 from .prompts import read_prompts
 from .rewards import resolve_reward, score_images
@@ -177,26 +177,13 @@ class Trainer(TrainingRun):
         self.stop_signal: int | None = None
         self.checkpointed_at: int | None = None
 
-        # Only now, with every input checked and every model loaded, does the run touch output_dir (the main
-        # process, once every process has made its checks).
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self._prepare_output_dir(resuming=checkpoint is not None)
-        self.accelerator.wait_for_everyone()
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint[1])
-            logger.warning("Resuming from %s at iteration %d.", checkpoint[0], self.iteration)
-            self.checkpointed_at = self.iteration
-        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
-        if self.accelerator.is_main_process and checkpoint is not None:
-            self.metrics.rewrite(self.history)  # iterations after the checkpoint are run again
+        self._begin(checkpoint, "parrot")
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up, checkpoints and resume
 
     def _prepare_output_dir(self, resuming: bool) -> None:
-        self._create_output_dir(resuming)
+        super()._prepare_output_dir(resuming)
         if resuming:
             return
         if self._sft_weights is not None:  # saved once: the supervised stage is not run again on resume

@@ -18,7 +18,8 @@ one subject from a few reference images, so that it keeps the subject's identity
 
 Where the paper is silent this follows its authors' code: each image of a pair gets its own noise and timestep;
 the identifier stays in the prompts the reward scores (the reward removes it for text alignment). Reference images
-are resized (shortest side) and centre-cropped to ``resolution``; the negatives keep the latents the sampler drew.
+are resized (shortest side) and centre-cropped to ``resolution`` and encoded once (the VAE posterior's mean); the
+negatives keep the latents the sampler drew.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from huggingface_hub import ModelCard, ModelCardData
@@ -57,7 +58,7 @@ from parrot_pipeline.bundle import CONFIG_NAME, _hub_id, upload_folder_to_hub
 from parrot_pipeline.tiny import _build_once, cache_dir, default_tiny_model
 
 from .config import DEVICES, LORA_TARGETS, PRECISIONS, _fail, check_push_to_hub, load_config
-from .outputs import MetricsWriter, markdown_table, plot_validation, replacing, save_grid
+from .outputs import markdown_table, plot_validation, replacing, save_grid
 from .parrot import lora_parameters
 from .prompts import read_prompts
 from .rewards import resolve_reward
@@ -342,20 +343,8 @@ class RPOTrainer(TrainingRun):
         self.stop_signal: int | None = None
         self.checkpointed_at: int | None = None
 
-        # Only now, with every input checked and every model loaded, does the run touch output_dir.
-        self.accelerator.wait_for_everyone()
+        self._begin(checkpoint, "rpo")
         if self.accelerator.is_main_process:
-            self._create_output_dir(resuming=checkpoint is not None)
-        self.accelerator.wait_for_everyone()
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint[1])
-            logger.warning("Resuming from %s at step %d.", checkpoint[0], self.iteration)
-            self.checkpointed_at = self.iteration
-        self.accelerator.init_trackers("rpo", config={k: str(v) for k, v in config.to_dict().items()})
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
-        if self.accelerator.is_main_process:
-            if checkpoint is not None:
-                self.metrics.rewrite(self.history)  # steps after the checkpoint are run again
             save_grid(self.negatives.images.float() / 255, self.output_dir / "samples" / "negatives.png",
                       columns=config.negatives_per_prompt)  # fmt: skip
 
@@ -708,12 +697,15 @@ class RPOTrainer(TrainingRun):
                            card_sections=card_sections, gallery=gallery, overwrite=True)  # fmt: skip
 
     def save_full_model(self, card_sections: str, gallery) -> Path:
-        """``model/``: the whole pipeline with the fine-tuned UNet (diffusers layout, safetensors), ``parrot_config.json``
-        and a model card; built under a temporary name and renamed."""
+        """``model/``: a ``StableDiffusionPipeline`` with the fine-tuned UNet (diffusers layout, safetensors),
+        ``parrot_config.json`` and a model card; built under a temporary name and renamed."""
         target = self.output_dir / "model"
         building = self.output_dir / ".model.building"
         shutil.rmtree(building, ignore_errors=True)
-        self.pipe.save_pretrained(building, safe_serialization=True)
+        self.pipe.to(dtype=torch.float32)  # one dtype for every component (the frozen ones as the run used them)
+        components = {name: getattr(self.pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(building, safe_serialization=True)  # fmt: skip
         samples = building / "samples"
         samples.mkdir()
         entries = []

@@ -38,7 +38,7 @@ from parrot_pipeline import ParrotConfig
 from parrot_pipeline.bundle import CONFIG_NAME
 from parrot_pipeline.cli import add_device_arguments, load_pipeline, resolve_device
 
-from .evaluate import SETTINGS_FILE, check_output_dir, non_negative_float, positive_int
+from .evaluate import SETTINGS_FILE, check_output_dir, command, non_negative_float, positive_int
 from .outputs import markdown_table, replacing
 from .rewards.dino import DEFAULT_MODEL as DINO_MODEL
 from .rewards.dino import DinoSimilarity
@@ -199,17 +199,7 @@ def prepare(args: argparse.Namespace) -> DreamBenchEvaluation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        evaluation = prepare(args)
-        print(run(evaluation))
-    except (ValueError, TypeError, OSError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"\ninterrupted: the images drawn are kept in {args.output_dir}; run the same command to "
-                         "resume.\n")  # fmt: skip
-    return 0
+    return command(build_parser(), prepare, run, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from parrot_pipeline import push_bundle_to_hub
 
 from .checkpoint import latest_checkpoint, remove_partial_checkpoints, write_checkpoint
 from .config import resume_differences
+from .outputs import MetricsWriter
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class TrainingRun:
     ``keep_checkpoints``, ``collective_timeout``, ``max_grad_norm``, ``push_to_hub``, ``hub_private``),
     ``output_dir``, ``checkpoints_dir``, ``accelerator``, ``num_processes``, ``rank``, ``device``, ``rng`` (a
     ``random.Random``), ``generator`` (a ``torch.Generator``), ``optimizers`` and ``lr_schedulers`` (dicts by name),
-    ``iteration``, ``run_id``, ``stop_signal`` and ``checkpointed_at``, and lists in ``resume_fixed`` the settings a
+    ``iteration``, ``history`` (the metrics records), ``run_id``, ``stop_signal`` and ``checkpointed_at``, writes
+``state_dict`` / ``load_state_dict``, and lists in ``resume_fixed`` the settings a
     resumed run must share with its checkpoint."""
 
     resume_fixed: tuple[str, ...] = ()
@@ -88,7 +90,7 @@ class TrainingRun:
                 + "; pass overwrite=true to replace it, resume=true to continue its run, or choose another output_dir."
             )
 
-    def _create_output_dir(self, resuming: bool) -> None:
+    def _prepare_output_dir(self, resuming: bool) -> None:
         """The main process's first write: a fresh output_dir with the run id, or a resumed one tidied up."""
         if resuming:
             remove_partial_checkpoints(self.checkpoints_dir)
@@ -97,6 +99,22 @@ class TrainingRun:
             shutil.rmtree(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "run.json").write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
+
+    def _begin(self, checkpoint: tuple[Path, dict] | None, project: str) -> None:
+        """Called once every input is checked and every model loaded: only now does the run touch output_dir (the main
+        process, once every process has made its checks); a resumed run loads its checkpoint; logging starts."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._prepare_output_dir(resuming=checkpoint is not None)
+        self.accelerator.wait_for_everyone()
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint[1])
+            logger.warning("Resuming from %s at iteration %d.", checkpoint[0], self.iteration)
+            self.checkpointed_at = self.iteration
+        self.accelerator.init_trackers(project, config={k: str(v) for k, v in self.config.to_dict().items()})
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
+        if self.accelerator.is_main_process and checkpoint is not None:
+            self.metrics.rewrite(self.history)  # iterations after the checkpoint are run again
 
     def random_states(self) -> dict:
         return {
