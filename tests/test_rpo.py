@@ -272,7 +272,7 @@ def test_resume_refuses_other_subject_settings(tmp_path, monkeypatch):
     trainer = RPOTrainer(small_config(tmp_path, "max_steps=1"))
     trainer.train_loop()
     reset_accelerate()
-    monkeypatch.setattr("train.rpo.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("train.run.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="identifier: checkpoint 'sks', now 'zwx'"):
         RPOTrainer(small_config(tmp_path, "resume=true", "identifier=zwx", "instance_prompt=a photo of zwx clock"))
 
@@ -383,7 +383,7 @@ def bad_folder(tmp_path, kind):
     ],
 )
 def test_bad_input_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, setup, message):
-    monkeypatch.setattr("train.rpo.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("train.run.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as exited:
         main(["--config", "configs/rpo_quickstart.yaml", f"output_dir={output}", *setup(tmp_path)])

@@ -36,7 +36,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from parrot_pipeline import ParrotConfig, ParrotPipeline, save_bundle
+from parrot_pipeline import ParrotConfig, save_bundle
 from parrot_pipeline.bundle import default_reward_identifiers
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
@@ -46,7 +46,7 @@ from parrot_pipeline.expansion import (
     generate_expansions,
     load_expander,
 )
-from parrot_pipeline.tiny import default_tiny_expander, default_tiny_model
+from parrot_pipeline.tiny import default_tiny_expander
 
 from .checkpoint import sha256_of
 from .config import LORA_TARGETS, RESUME_FIXED, TrainConfig
@@ -139,16 +139,7 @@ class Trainer(TrainingRun):
         self.generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)  # each its own samples
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
 
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-        self.base_model = str(default_tiny_model()) if config.pretrained_model == "tiny" else config.pretrained_model
-        self.pipe = ParrotPipeline.from_pretrained(
-            self.base_model, torch_dtype=self.weight_dtype, expander=None, expander_tokenizer=None,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
+        self._load_base_pipeline()
         self.pipe.unet.add_adapter(
             LoraConfig(
                 r=config.lora_rank,

@@ -53,9 +53,9 @@ from torchvision import transforms
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from parrot_pipeline import ParrotConfig, ParrotPipeline, save_bundle
+from parrot_pipeline import ParrotConfig, save_bundle
 from parrot_pipeline.bundle import CONFIG_NAME, _hub_id, upload_folder_to_hub
-from parrot_pipeline.tiny import _build_once, cache_dir, default_tiny_model
+from parrot_pipeline.tiny import _build_once, cache_dir
 
 from .config import DEVICES, LORA_TARGETS, PRECISIONS, _fail, check_push_to_hub, load_config
 from .outputs import markdown_table, plot_validation, replacing, save_grid
@@ -301,16 +301,7 @@ class RPOTrainer(TrainingRun):
         self.generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)  # noise and timesteps
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
 
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-        self.base_model = str(default_tiny_model()) if config.pretrained_model == "tiny" else config.pretrained_model
-        self.pipe = ParrotPipeline.from_pretrained(
-            self.base_model, torch_dtype=self.weight_dtype, expander=None, expander_tokenizer=None,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
+        self._load_base_pipeline()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
         self.negatives = self._negatives()

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 
-from parrot_pipeline import push_bundle_to_hub
+from parrot_pipeline import ParrotPipeline, push_bundle_to_hub
+from parrot_pipeline.tiny import default_tiny_model
 
 from .checkpoint import latest_checkpoint, remove_partial_checkpoints, write_checkpoint
 from .config import resume_differences
@@ -43,13 +44,13 @@ def create_accelerator(config, output_dir: Path) -> Accelerator:
 
 
 class TrainingRun:
-    """Run control shared by the trainers. A subclass sets ``config`` (with ``resume``, ``overwrite``,
-    ``keep_checkpoints``, ``collective_timeout``, ``max_grad_norm``, ``push_to_hub``, ``hub_private``),
-    ``output_dir``, ``checkpoints_dir``, ``accelerator``, ``num_processes``, ``rank``, ``device``, ``rng`` (a
-    ``random.Random``), ``generator`` (a ``torch.Generator``), ``optimizers`` and ``lr_schedulers`` (dicts by name),
-    ``iteration``, ``history`` (the metrics records), ``run_id``, ``stop_signal`` and ``checkpointed_at``, writes
-``state_dict`` / ``load_state_dict``, and lists in ``resume_fixed`` the settings a
-    resumed run must share with its checkpoint."""
+    """Run control shared by the trainers. A subclass sets ``config`` (with ``pretrained_model``,
+    ``mixed_precision``, ``resume``, ``overwrite``, ``keep_checkpoints``, ``collective_timeout``, ``max_grad_norm``,
+    ``push_to_hub`` and ``hub_private``), ``output_dir``, ``checkpoints_dir``, ``accelerator``, ``num_processes``,
+    ``rank``, ``device``, ``rng`` (a ``random.Random``), ``generator`` (a ``torch.Generator``), ``optimizers`` and
+    ``lr_schedulers`` (dicts by name), ``iteration``, ``history`` (the metrics records), ``run_id``, ``stop_signal``
+    and ``checkpointed_at``; it writes ``state_dict`` / ``load_state_dict`` and lists in ``resume_fixed`` the
+    settings a resumed run must share with its checkpoint."""
 
     resume_fixed: tuple[str, ...] = ()
 
@@ -115,6 +116,21 @@ class TrainingRun:
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
         if self.accelerator.is_main_process and checkpoint is not None:
             self.metrics.rewrite(self.history)  # iterations after the checkpoint are run again
+
+    def _load_base_pipeline(self) -> None:
+        """The base model (``pretrained_model``; "tiny": the embedded one) on the run's device, in the mixed-precision
+        dtype, every weight frozen, without an expander: sets ``pipe``, ``base_model`` and ``weight_dtype``."""
+        config = self.config
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        self.base_model = str(default_tiny_model()) if config.pretrained_model == "tiny" else config.pretrained_model
+        self.pipe = ParrotPipeline.from_pretrained(
+            self.base_model, torch_dtype=self.weight_dtype, expander=None, expander_tokenizer=None,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(self.device)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
 
     def random_states(self) -> dict:
         return {
