@@ -277,19 +277,6 @@ def test_resume_refuses_other_subject_settings(tmp_path, monkeypatch):
         RPOTrainer(small_config(tmp_path, "resume=true", "identifier=zwx", "instance_prompt=a photo of zwx clock"))
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    from .hub_standin import HubStandIn
-
-    monkeypatch.setattr("parrot_pipeline.bundle.time.sleep", lambda seconds: None)
-    with HubStandIn() as standin:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", standin.endpoint)
-        monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-        yield standin
-
-
 @pytest.mark.parametrize("precision", ["'no'", "bf16"])  # quoted: YAML reads a bare no as false
 def test_the_whole_unet_variant_trains_every_weight_against_a_frozen_copy(tmp_path, hub, precision):
     trainer = RPOTrainer(small_config(tmp_path, "full_unet=true", "max_steps=2", "learning_rate=0.001",
