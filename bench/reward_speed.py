@@ -37,12 +37,12 @@ from tests.reward_models import (  # noqa: E402
     aesthetic_head_state,
     save_pretrained_pair,
     save_tiny_open_clip,
-    tiny_align,
     tiny_dino,
     tiny_open_clip,
     tiny_transformers_clip,
 )
 from train.rewards import REGISTRY, resolve_reward  # noqa: E402
+from train.rewards.tiny import tiny_align  # noqa: E402
 
 PEER = "jpeg_compressibility"
 PROMPT = "a red fox in the snow"

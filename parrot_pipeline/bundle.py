@@ -51,6 +51,12 @@ CARD_EXTRA_MARKER = "<!-- parrot: extra sections -->"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 UNET_PREFIX = "unet."
 METHODS = ("parrot", "dpok", "ddpo", "rpo")
+METHOD_DESCRIPTIONS = {  # the model card's one-line description of each training method
+    "parrot": "multi-reward reinforcement learning with batch-wise Pareto selection",
+    "dpok": "policy-gradient reinforcement learning with a KL regulariser to the pretrained model",
+    "ddpo": "PPO on the denoising steps",
+    "rpo": "subject-driven preference fine-tuning with the λ-harmonic reward",
+}
 # The paper's w1 = w2 = 5: defaults of a bundle, and of ParrotPipeline when no bundle is loaded.
 DEFAULT_GUIDANCE_SCALE = 5.0
 DEFAULT_EXPANSION_GUIDANCE_SCALE = 5.0
@@ -430,7 +436,7 @@ def write_model_card(folder: str | os.PathLike, config: ParrotConfig, repo_id: s
 
 # Parrot bundle for `{config.base_model}`
 
-Trained with **{config.method}** (multi-reward reinforcement learning with batch-wise Pareto selection).
+Trained with **{config.method}** ({METHOD_DESCRIPTIONS[config.method]}).
 This bundle holds a UNet LoRA, {expander_line}and the settings in `{CONFIG_NAME}`.
 
 | k | reward | identifier |
@@ -494,13 +500,28 @@ def push_bundle_to_hub(
     bundle = read_bundle(folder)
     validate_repo_id(repo_id)
     write_model_card(bundle.folder, bundle.config, repo_id=repo_id, extra_sections=_card_extra(bundle.folder))
+    return upload_folder_to_hub(bundle.folder, repo_id, private=private, token=token, commit_message=commit_message,
+                                attempts=attempts, retry_wait=retry_wait)  # fmt: skip
+
+
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload model",
+    attempts: int = 3,
+    retry_wait: float = 5.0,
+) -> str:
+    """Upload a folder to a Hub model repo (created if needed) with :func:`push_bundle_to_hub`'s retries; returns
+    the commit URL."""
+    validate_repo_id(repo_id)
     api = HfApi(token=token)
     for attempt in range(1, attempts + 1):
         try:
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_id, folder_path=bundle.folder, repo_type="model", commit_message=commit_message
-            )
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
             return str(commit.commit_url)
         except Exception as error:
             status = getattr(getattr(error, "response", None), "status_code", None)

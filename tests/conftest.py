@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import huggingface_hub.constants
 import pytest
 import torch
 
 from parrot_pipeline.tiny import save_tiny_expander, save_tiny_pipeline
 
 from .helpers import add_expander_lora, add_unet_lora, load
+from .hub_standin import HubStandIn
 
 # The tiny models are too small to gain from intra-op threads; one thread is faster and does not slow down on a
 # machine busy with other work.
@@ -51,3 +53,13 @@ def bundle_dir(tmp_path_factory, tiny_sd, tiny_expander_dir):
     target = tmp_path_factory.mktemp("bundles") / "bundle"
     pipe.save_parrot_weights(target, reward_names=["aesthetic", "clip_score", "sentiment"])
     return target
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A Hub stand-in serving the real client's requests; uploads never wait between retries."""
+    monkeypatch.setattr("parrot_pipeline.bundle.time.sleep", lambda seconds: None)
+    with HubStandIn() as standin:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+        yield standin

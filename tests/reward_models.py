@@ -11,21 +11,16 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 from transformers import (
-    AlignConfig,
-    AlignModel,
-    AlignProcessor,
-    BertTokenizer,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
-    EfficientNetImageProcessorPil,
     ViTConfig,
     ViTImageProcessorPil,
     ViTModel,
 )
 
-from parrot_pipeline.tiny import WORDS, tiny_clip_tokenizer
+from parrot_pipeline.tiny import tiny_clip_tokenizer
 
 
 TINY_OPEN_CLIP = {
@@ -71,26 +66,6 @@ def tiny_transformers_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
-
-
-def tiny_align(seed: int = 0) -> tuple[AlignModel, AlignProcessor]:
-    """An ALIGN (EfficientNet image tower, BERT text tower) with a word-level BERT vocabulary and ALIGN's processor."""
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    torch.manual_seed(seed)
-    # two EfficientNet stages; the last one's 32 channels are the image embedding, so projection_dim is 32 too
-    vision = dict(image_size=32, width_coefficient=1.0, depth_coefficient=1.0, kernel_sizes=[3, 3],
-                  in_channels=[32, 16], out_channels=[16, 32], strides=[1, 2], num_block_repeats=[1, 1],
-                  expand_ratios=[1, 6], hidden_dim=64)  # fmt: skip
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    model = AlignModel(AlignConfig(text_config=text, vision_config=vision, projection_dim=32))
-    # kakaobrain/align-base's settings (resize 346, crop 289, pixels to [-1, 1]) scaled to a 32 px input
-    images = EfficientNetImageProcessorPil(
-        size={"height": 38, "width": 38}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=2,
-        do_normalize=False, rescale_factor=1 / 127.5, rescale_offset=True, include_top=False,
-    )  # fmt: skip
-    return model, AlignProcessor(image_processor=images, tokenizer=BertTokenizer(vocab=vocab))
 
 
 def tiny_dino(seed: int = 0) -> tuple[ViTModel, ViTImageProcessorPil]:

@@ -147,7 +147,7 @@ def test_a_run_stopped_by_sigterm_and_resumed_repeats_the_uninterrupted_run(tmp_
 def test_resume_refuses_other_settings_and_foreign_checkpoints_before_loading_models(tmp_path, monkeypatch):
     trainer = Trainer(small_config(tmp_path / "a", "expander_model=null", "iterations=1"))
     trainer.train_loop()
-    monkeypatch.setattr("train.parrot.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("train.run.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
 
     with pytest.raises(ValueError) as raised:
         Trainer(small_config(tmp_path / "a", "expander_model=null", "resume=true", "lora_rank=4",

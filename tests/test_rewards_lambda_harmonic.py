@@ -8,8 +8,9 @@ from transformers import AlignModel, BertTokenizer
 from train.config import load_config
 from train.rewards import resolve_reward
 from train.rewards.clip import to_pil
+from train.rewards.tiny import tiny_align
 
-from .reward_models import save_pretrained_pair, save_tiny_open_clip, tiny_align
+from .reward_models import save_pretrained_pair, save_tiny_open_clip
 
 PROMPTS = ["a photo of sks dog on a beach", "a sks dog in the snow", "a painting of sks dog"]
 SUBJECT = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(7))  # two reference images

@@ -3,14 +3,12 @@
 import json
 import logging
 
-import huggingface_hub.constants
 import pytest
 import yaml
 
 from train.__main__ import main
 from train.parrot import Trainer
 
-from .hub_standin import HubStandIn
 from .test_train_loop import small_config, small_overrides
 
 
@@ -20,15 +18,6 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    monkeypatch.setattr("parrot_pipeline.bundle.time.sleep", lambda seconds: None)
-    with HubStandIn() as standin:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", standin.endpoint)
-        monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-        yield standin
 
 
 def test_a_run_pushes_its_bundle_with_settings_evaluation_and_gallery_in_the_card(tmp_path, hub):

@@ -188,7 +188,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
 def test_existing_output_dir_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("results of another run")
-    monkeypatch.setattr("train.parrot.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("train.run.ParrotPipeline.from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(FileExistsError, match="overwrite=true"):
         Trainer(small_config(tmp_path))
     assert (tmp_path / "run" / "keep.txt").read_text() == "results of another run"

@@ -158,13 +158,7 @@ def check_config(config: TrainConfig) -> None:
         _fail("keep_checkpoints", config.keep_checkpoints, "an integer ≥ 1")
     if not (math.isfinite(config.collective_timeout) and config.collective_timeout > 0):
         _fail("collective_timeout", config.collective_timeout, "a finite number of seconds > 0")
-    if config.push_to_hub is not None:
-        try:
-            validate_repo_id(config.push_to_hub)
-        except ValueError as error:
-            _fail("push_to_hub", config.push_to_hub, f"a Hub repo id such as 'your-name/parrot-sd15' ({error})")
-        if "/" not in config.push_to_hub:
-            _fail("push_to_hub", config.push_to_hub, "a Hub repo id with its owner, such as 'your-name/parrot-sd15'")
+    check_push_to_hub(config.push_to_hub)
     if config.resolution < 8 or config.resolution % 8:
         _fail("resolution", config.resolution, "a positive multiple of 8")
     if not (math.isfinite(config.eta) and 0 < config.eta <= 1):
@@ -205,11 +199,23 @@ def check_config(config: TrainConfig) -> None:
         _fail("train_unet", False, "true unless an expander is trained (freeze_expander: false, parrot mode)")
 
 
-def resume_differences(saved: dict, config: TrainConfig) -> list[str]:
-    """The settings in :data:`RESUME_FIXED` where ``config`` differs from a checkpoint's saved config."""
+def check_push_to_hub(repo_id: str | None) -> None:
+    """``push_to_hub`` is null or a Hub repo id with its owner."""
+    if repo_id is None:
+        return
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        _fail("push_to_hub", repo_id, f"a Hub repo id such as 'your-name/parrot-sd15' ({error})")
+    if "/" not in repo_id:
+        _fail("push_to_hub", repo_id, "a Hub repo id with its owner, such as 'your-name/parrot-sd15'")
+
+
+def resume_differences(saved: dict, config, fixed: tuple[str, ...] = RESUME_FIXED) -> list[str]:
+    """The settings in ``fixed`` where ``config`` differs from a checkpoint's saved config."""
     current = config.to_dict()
     return [f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
-            for name in RESUME_FIXED if saved.get(name) != current[name]]  # fmt: skip
+            for name in fixed if saved.get(name) != current[name]]  # fmt: skip
 
 
 def _coerce(name: str, hint, value):
@@ -238,14 +244,15 @@ def _coerce(name: str, hint, value):
     raise TypeError(f"config `{name}` must be {readable}, got {value!r} ({type(value).__name__}).")
 
 
-def build_config(values: dict) -> TrainConfig:
-    hints = typing.get_type_hints(TrainConfig)
+def build_config(values: dict, config_class=TrainConfig):
+    """``config_class`` (a config dataclass) from a mapping, each value checked against its field's type."""
+    hints = typing.get_type_hints(config_class)
     for key in values:
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             suggestion = f" Did you mean `{close[0]}`?" if close else ""
             raise ValueError(f"Unknown config key `{key}`.{suggestion}")
-    return TrainConfig(**{key: _coerce(key, hints[key], value) for key, value in values.items()})
+    return config_class(**{key: _coerce(key, hints[key], value) for key, value in values.items()})
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -256,7 +263,8 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), config_class=TrainConfig):
+    """A YAML preset (or nothing) with ``key=value`` overrides on top, as ``config_class``."""
     values = {}
     if path is not None:
         with open(path, encoding="utf-8") as file:
@@ -264,4 +272,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}.")
     values.update(parse_override(item) for item in overrides)
-    return build_config(values)
+    return build_config(values, config_class)

@@ -280,7 +280,12 @@ def check_output_dir(evaluation: Evaluation) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return command(build_parser(), prepare, run, argv)
+
+
+def command(parser: argparse.ArgumentParser, prepare, run, argv: list[str] | None) -> int:
+    """An evaluation command: ``run(prepare(args))`` printed; bad input exits with 2, Ctrl-C with 130 (the images
+    kept in ``--output-dir``, so the same command resumes)."""
     args = parser.parse_args(argv)
     try:
         evaluation = prepare(args)
@@ -288,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"\ninterrupted: the scored images are kept in {args.output_dir}; run the same command to "
-                         "resume.\n")  # fmt: skip
+        parser.exit(130, f"\ninterrupted: the images made so far are kept in {args.output_dir}; run the same command "
+                         "to resume.\n")  # fmt: skip
     return 0
 
 

@@ -115,6 +115,22 @@ def plot_pareto(batches: dict[str, tuple[torch.Tensor, torch.Tensor]], reward_na
     plt.close(figure)
 
 
+def plot_validation(validations: list[dict], lam: float, best_step: int, path: Path) -> None:
+    """RPO's validation scores over the steps with their two components, the best step marked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [record["step"] for record in validations]
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for key, label in (("lambda_harmonic", f"λ-harmonic (λ = {lam})"), ("subject_fidelity", "subject fidelity S_I"),
+                       ("text_alignment", "text alignment S_T")):  # fmt: skip
+        axis.plot(steps, [record[f"validation/{key}"] for record in validations], "-o", ms=3, label=label)
+    axis.axvline(best_step, color="gray", linestyle="--", label=f"best (step {best_step})")
+    axis.set_xlabel("step")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 CARD_SETTINGS = ("mode", "iterations", "images_per_prompt", "resolution", "num_inference_steps", "guidance_scale",
                  "eta", "learning_rate", "lora_rank", "lora_targets", "advantage", "kl_beta", "clip_range",
                  "expander_model", "expander_learning_rate", "freeze_expander", "train_unet", "seed")  # fmt: skip

@@ -16,25 +16,19 @@ differs by the constant factor T, absorbed in the learning rate.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
 import random
-import shutil
-import signal
 import time
 import uuid
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
@@ -43,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from parrot_pipeline import ParrotConfig, ParrotPipeline, push_bundle_to_hub, save_bundle
+from parrot_pipeline import ParrotConfig, save_bundle
 from parrot_pipeline.bundle import default_reward_identifiers
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
@@ -53,14 +47,15 @@ from parrot_pipeline.expansion import (
     generate_expansions,
     load_expander,
 )
-from parrot_pipeline.tiny import default_tiny_expander, default_tiny_model
+from parrot_pipeline.tiny import default_tiny_expander
 
-from .checkpoint import latest_checkpoint, remove_partial_checkpoints, sha256_of, write_checkpoint
-from .config import LORA_TARGETS, TrainConfig, resume_differences
-from .outputs import MetricsWriter, evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
+from .checkpoint import sha256_of
+from .config import LORA_TARGETS, RESUME_FIXED, TrainConfig
+from .outputs import evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
 from .pareto import compare_reward_sets, non_dominated_mask
 from .prompts import read_prompts
 from .rewards import resolve_reward, score_images
+from .run import TrainingRun, create_accelerator
 from .sampling import (
     Trajectories,
     adapters_disabled,
@@ -112,22 +107,16 @@ class Selection:
     front_sizes: torch.Tensor  # [processes]: selected rows on each process
 
 
-class Trainer:
+class Trainer(TrainingRun):
     """Holds everything a run needs, so a checkpoint can be taken from one place."""
+
+    resume_fixed = RESUME_FIXED
 
     def __init__(self, config: TrainConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("config `device` = 'cuda' but no CUDA device is available; use device: cpu or auto.")
-        self.accelerator = Accelerator(
-            cpu=config.device == "cpu" or not torch.cuda.is_available(),
-            mixed_precision=config.mixed_precision,
-            log_with="tensorboard",
-            project_dir=str(self.output_dir / "logs"),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))],
-        )
+        self.accelerator = create_accelerator(config, self.output_dir)
         self.num_processes = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         if config.images_per_prompt % self.num_processes:
@@ -137,12 +126,7 @@ class Trainer:
             )
         self.local_images = config.images_per_prompt // self.num_processes
         checkpoint = self._checkpoint_to_resume()
-        if checkpoint is None and self.output_dir.exists() and any(self.output_dir.iterdir()) and not config.overwrite:
-            raise FileExistsError(
-                f"`output_dir` {str(self.output_dir)!r} already exists and is not empty"
-                + (" and holds no checkpoint to resume" if config.resume else "")
-                + "; pass overwrite=true to replace it, resume=true to continue its run, or choose another output_dir."
-            )
+        self._check_output_dir(checkpoint)
         self.prompts = read_prompts(config.prompts)
         self.eval_prompts = read_prompts(config.eval_prompts)
         resuming_sft = checkpoint is not None and checkpoint[1]["expander_sft_sha256"] is not None
@@ -157,16 +141,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed + self.rank)  # each its own samples
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every process
 
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-        self.base_model = str(default_tiny_model()) if config.pretrained_model == "tiny" else config.pretrained_model
-        self.pipe = ParrotPipeline.from_pretrained(
-            self.base_model, torch_dtype=self.weight_dtype, expander=None, expander_tokenizer=None,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
+        self._load_base_pipeline()
         self.pipe.unet.add_adapter(
             LoraConfig(
                 r=config.lora_rank,
@@ -195,57 +170,15 @@ class Trainer:
         self.stop_signal: int | None = None
         self.checkpointed_at: int | None = None
 
-        # Only now, with every input checked and every model loaded, does the run touch output_dir (the main
-        # process, once every process has made its checks).
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self._prepare_output_dir(resuming=checkpoint is not None)
-        self.accelerator.wait_for_everyone()
-        if checkpoint is not None:
-            self.load_state_dict(checkpoint[1])
-            logger.warning("Resuming from %s at iteration %d.", checkpoint[0], self.iteration)
-            self.checkpointed_at = self.iteration
-        self.accelerator.init_trackers("parrot", config={k: str(v) for k, v in config.to_dict().items()})
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl")
-        if self.accelerator.is_main_process and checkpoint is not None:
-            self.metrics.rewrite(self.history)  # iterations after the checkpoint are run again
+        self._begin(checkpoint, "parrot")
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up, checkpoints and resume
 
-    def _checkpoint_to_resume(self) -> tuple[Path, dict] | None:
-        """With ``resume``, the newest complete checkpoint of this output_dir's run, checked against the config."""
-        if not self.config.resume:
-            return None
-        found = latest_checkpoint(self.checkpoints_dir)
-        if found is None:
-            logger.warning("resume=true but %s holds no complete checkpoint: starting from scratch.", self.checkpoints_dir)
-            return None
-        folder, state = found
-        run_file = self.output_dir / "run.json"
-        run_id = json.loads(run_file.read_text(encoding="utf-8"))["run_id"] if run_file.is_file() else None
-        if state["run_id"] != run_id:
-            raise ValueError(
-                f"Checkpoint {folder} was written by another run (run id {state['run_id']}) than the one in "
-                f"`output_dir` {str(self.output_dir)!r} (run id {run_id}); resume it from its own output_dir, or "
-                "remove it."
-            )
-        differences = resume_differences(state["config"], self.config)
-        if differences:
-            raise ValueError(
-                f"Cannot resume from {folder}: these settings differ from the checkpoint's and a resumed run cannot "
-                "honour them:\n  " + "\n  ".join(differences) + "\nRestore them, or start a new run in another output_dir."
-            )
-        return folder, state
-
     def _prepare_output_dir(self, resuming: bool) -> None:
+        super()._prepare_output_dir(resuming)
         if resuming:
-            remove_partial_checkpoints(self.checkpoints_dir)
             return
-        if self.config.overwrite and self.output_dir.exists():
-            shutil.rmtree(self.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "run.json").write_text(json.dumps({"run_id": self.run_id}) + "\n", encoding="utf-8")
         if self._sft_weights is not None:  # saved once: the supervised stage is not run again on resume
             self.checkpoints_dir.mkdir(exist_ok=True)
             path = self.checkpoints_dir / "expander_sft.safetensors"
@@ -253,25 +186,6 @@ class Trainer:
             path.with_suffix(".tmp").rename(path)
             self.expander_sft_sha256 = sha256_of(path)
         self._sft_weights = None
-
-    def random_states(self) -> dict:
-        return {
-            "trainer": self.rng.getstate(),
-            "sampler": self.generator.get_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def set_random_states(self, states: dict) -> None:
-        self.rng.setstate(states["trainer"])
-        self.generator.set_state(states["sampler"])
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
-        torch.set_rng_state(states["torch"])
-        if states["cuda"]:
-            torch.cuda.set_rng_state_all(states["cuda"])
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly; called on every process (it gathers their RNGs)."""
@@ -312,54 +226,7 @@ class Trainer:
         self.sft_losses = state["sft_losses"]
         if state["first_batch"] is not None:
             self.reward_batches["first"] = state["first_batch"]
-        saved_states = state["random_states"]
-        if len(saved_states) == self.num_processes:
-            self.set_random_states(saved_states[self.rank])
-        else:
-            logger.warning(
-                "The checkpoint was written by %d processes and this run has %d: weights, optimisers and statistics "
-                "continue, but the samples will not repeat an uninterrupted run.", len(saved_states), self.num_processes,
-            )  # fmt: skip
-            self.set_random_states({**saved_states[0], "sampler": self.generator.get_state()})
-
-    def save_checkpoint(self) -> None:
-        """``checkpoints/step_N`` of the current iteration (the main process writes; every process takes part)."""
-        state = self.state_dict()
-        if self.accelerator.is_main_process:
-            folder = write_checkpoint(self.checkpoints_dir, self.iteration, state, keep=self.config.keep_checkpoints)
-            logger.info("checkpoint %s", folder)
-        self.checkpointed_at = self.iteration
-        self.accelerator.wait_for_everyone()
-
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        """SIGTERM/SIGINT ask the loop to stop after the current iteration with a checkpoint; a second one stops now."""
-
-        def request_stop(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            logger.warning("%s: stopping after this iteration with a checkpoint.", signal.Signals(signum).name)
-
-        previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _collective(self, what: str, function, *args):
-        """Run a collective; a dead or stalled peer becomes an error that says what happened and how to go on."""
-        if self.num_processes == 1:
-            return function(*args)
-        try:
-            return function(*args)
-        except RuntimeError as error:  # gloo and NCCL report a closed peer or a timeout as RuntimeError subclasses
-            raise RuntimeError(
-                f"Process {self.rank} of {self.num_processes}: {what} failed: another training process stopped or "
-                f"did not answer within collective_timeout = {self.config.collective_timeout:g} s ({error}). "
-                f"Restart with resume=true to continue from the newest checkpoint in {self.checkpoints_dir}."
-            ) from error
+        self._restore_random_states(state["random_states"])
 
     def _load_expander(self) -> None:
         config = self.config
@@ -581,37 +448,6 @@ class Trainer:
             )  # fmt: skip
         return ((noise.float() - reference.float()) ** 2).mean(dim=tuple(range(1, noise.ndim)))
 
-    def _optimizer_step(self, name: str) -> bool:
-        """Sum the gradients over processes, then step; a non-finite gradient skips the step (on every process
-        alike, since they all see the same sum). Returns whether it stepped."""
-        optimizer = self.optimizers[name]
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.num_processes > 1:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
-            flat = self._collective("summing gradients", self.accelerator.reduce, flat, "sum")
-            for parameter, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
-                parameter.grad = grad.view_as(parameter)
-        scaler = self.accelerator.scaler  # fp16 on CUDA: accelerator.backward scaled the loss
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if grads and not torch.stack([torch.isfinite(grad).all() for grad in grads]).all():
-            logger.warning("iteration %d: non-finite %s gradient; the update is skipped", self.iteration, name)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update()  # a smaller loss scale next time
-            return False
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        self.lr_schedulers[name].step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
-
     def expander_loss_and_step(self, expansions, selection: Selection) -> float:
         """REINFORCE on the expansion: ``−(Σ_{i∈P} A_i / |P|) · log p_φ(ĉ | c)``; each process weighs by its own
         rows of P, so the summed gradients are the global loss's."""
@@ -785,25 +621,10 @@ class Trainer:
                     save_grid(images, self.output_dir / "samples" / f"iter_{self.iteration:05d}.png",
                               columns=config.eval_images_per_prompt)  # fmt: skip
                 if self._stop_requested():
-                    if self.checkpointed_at != self.iteration:
-                        self.save_checkpoint()
-                    self.accelerator.end_training()
-                    progress.close()
-                    print(f"stopped by {signal.Signals(self.stop_signal).name} at iteration {self.iteration}; "
-                          f"continue with resume=true (checkpoints in {self.checkpoints_dir})")  # fmt: skip
-                    raise SystemExit(128 + self.stop_signal)
+                    self._stop_with_checkpoint(progress)
         progress.close()
         if self.checkpointed_at != self.iteration:
             self.save_checkpoint()
-
-    def _stop_requested(self) -> bool:
-        """Whether any process was asked to stop (they all stop at the same iteration)."""
-        if self.num_processes == 1:
-            return self.stop_signal is not None
-        signals = torch.tensor([self.stop_signal or 0], device=self.device)
-        signals = self._collective("agreeing on a stop", self.accelerator.reduce, signals, "max")
-        self.stop_signal = int(signals.item()) or None
-        return self.stop_signal is not None
 
     def run(self) -> dict:
         """Train, evaluate base vs trained on held-out prompts, write the bundle (with its model card) and the
@@ -826,20 +647,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return results
-
-    def push(self, bundle: Path) -> dict:
-        """Upload the bundle; a failure after the retries is reported with the bundle's local path, not raised."""
-        try:
-            url = push_bundle_to_hub(bundle, self.config.push_to_hub, private=self.config.hub_private)
-        except Exception as error:  # noqa: BLE001  (any failure: the run's results must survive it)
-            logger.error(
-                "Upload of %s to the Hub repo %r failed (%s: %s). The bundle is safe at %s; upload it later with "
-                "`hf upload %s %s`.", bundle, self.config.push_to_hub, type(error).__name__, error, bundle,
-                self.config.push_to_hub, bundle,
-            )  # fmt: skip
-            return {"repo_id": self.config.push_to_hub, "error": f"{type(error).__name__}: {error}"}
-        print(f"pushed to {url}")
-        return {"repo_id": self.config.push_to_hub, "url": url}
 
 
 def train(config: TrainConfig) -> dict:

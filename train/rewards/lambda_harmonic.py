@@ -7,16 +7,30 @@ import torch
 from . import register
 from .clip import OPEN_CLIP_SCHEMAS, OpenClipModel, TransformersClipModel
 from .references import ReferenceEmbeddings
+from .tiny import TinyAlign
 
 # ALIGN, the vision–language model RPO's authors used.
 DEFAULT_MODEL = "kakaobrain/align-base"
 
 
 def dual_encoder(model: str, device: str | None, precision: str) -> OpenClipModel | TransformersClipModel:
-    """open_clip for names with its schema (``hf-hub:``, ``local-dir:``); transformers for any other id or folder."""
+    """open_clip for names with its schema (``hf-hub:``, ``local-dir:``); ``tiny`` for a small random ALIGN (offline
+    runs that exercise the method); transformers for any other id or folder."""
     if model.startswith(OPEN_CLIP_SCHEMAS):
         return OpenClipModel(model, device, precision)
+    if model == "tiny":
+        return TinyAlign(device, precision)
     return TransformersClipModel(model, device=device, precision=precision)
+
+
+def lambda_harmonic(subject: torch.Tensor, alignment: torch.Tensor, lam: float) -> torch.Tensor:
+    """``1 / (λ / S_I + (1 − λ) / S_T)``: the weighted harmonic mean of subject fidelity and text alignment."""
+    return 1 / (lam / subject + (1 - lam) / alignment)
+
+
+def remove_identifier(text: str, identifier: str | None) -> str:
+    """The prompt without the subject identifier word ("a sks dog" → "a dog"), as text alignment is scored."""
+    return " ".join(word for word in text.split() if word != identifier)
 
 
 @register("lambda_harmonic", value_range="[0, 1]; RPO's λ = 0.5 models reach about 0.6–0.7",
@@ -43,13 +57,10 @@ class LambdaHarmonic:
         """``S_I`` and ``S_T`` per image, both in [0, 1]."""
         features = self.encoder.image_features(images)
         subject = ((features @ self.references(metadata).T + 1) / 2).mean(dim=1)
-        texts = [
-            " ".join(word for word in text.split() if word != self.identifier)
-            for text in metadata.get("original_prompts", prompts)
-        ]
+        texts = [remove_identifier(text, self.identifier) for text in metadata.get("original_prompts", prompts)]
         alignment = ((features * self.encoder.text_features(texts)).sum(dim=-1) + 1) / 2
         return subject, alignment
 
     def __call__(self, images: torch.Tensor, prompts, metadata: dict) -> torch.Tensor:
         subject, alignment = self.similarities(images, prompts, metadata)
-        return (1 / (self.lam / subject + (1 - self.lam) / alignment)).cpu()
+        return lambda_harmonic(subject, alignment, self.lam).cpu()
