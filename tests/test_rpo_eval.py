@@ -16,7 +16,8 @@ from transformers import CLIPModel, CLIPProcessor, ViTImageProcessorPil, ViTMode
 from parrot_pipeline import ParrotConfig, save_bundle
 from train.rpo_eval import main
 
-from .helpers import add_unet_lora, load, save_pretrained_pair, tiny_dino, tiny_transformers_clip
+from .helpers import add_unet_lora, load
+from .reward_models import save_pretrained_pair, tiny_dino, tiny_transformers_clip
 
 PROMPTS_AND_CLASSES = """Classes
 
