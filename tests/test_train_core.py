@@ -172,12 +172,21 @@ def test_reward_errors_name_the_reward():
         (["rewards=[colorfulness, aesthetik]"], ValueError, "Unknown reward 'aesthetik'"),
         (["rewards=[colorfulness]"], ValueError, "at least two rewards in parrot mode"),
         (["overwrite=yes please"], TypeError, "`overwrite` must be bool"),
+        (["overwrite=yes"], TypeError, "`overwrite` must be bool"),  # YAML 1.2 booleans: true or false
         (["device=gpu"], ValueError, "`device`"),
     ],
 )
 def test_bad_config_is_refused_with_the_field_named(overrides, error, message):
     with pytest.raises(error, match=message):
         load_config("configs/quickstart.yaml", overrides)
+
+
+def test_string_settings_keep_yaml_1_1_boolean_words(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("mixed_precision: no\nresume: true\n")
+    config = load_config(preset, ["eval_every=0"])
+    assert (config.mixed_precision, config.resume) == ("no", True)
+    assert load_config(None, ["mixed_precision=no", "overwrite=false"]).mixed_precision == "no"
 
 
 def test_presets_load():

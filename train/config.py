@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,12 +256,29 @@ def build_config(values: dict, config_class=TrainConfig):
     return config_class(**{key: _coerce(key, hints[key], value) for key, value in values.items()})
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false, so ``mixed_precision: no`` stays the string "no"."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text):
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``key=value`` with the value read as YAML (``lr=1e-4``, ``rewards=[a,b]``, ``clip_range=null``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ValueError(f"Override {text!r} must look like key=value.")
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), read_yaml(raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), config_class=TrainConfig):
@@ -268,7 +286,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), config_class
     values = {}
     if path is not None:
         with open(path, encoding="utf-8") as file:
-            values = yaml.safe_load(file) or {}
+            values = read_yaml(file) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}.")
     values.update(parse_override(item) for item in overrides)
