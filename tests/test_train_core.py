@@ -174,6 +174,7 @@ def test_reward_errors_name_the_reward():
         (["overwrite=yes please"], TypeError, "`overwrite` must be bool"),
         (["overwrite=yes"], TypeError, "`overwrite` must be bool"),  # YAML 1.2 booleans: true or false
         (["device=gpu"], ValueError, "`device`"),
+        (["cpu_threads=0"], ValueError, "`cpu_threads`"),
     ],
 )
 def test_bad_config_is_refused_with_the_field_named(overrides, error, message):

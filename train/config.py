@@ -45,6 +45,7 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing output_dir
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda; several GPUs: accelerate launch
+    cpu_threads: int | None = None  # torch's intra-op threads per process; null: torch's default
     mixed_precision: str = "no"  # no | fp16 | bf16: UNet and text encoder weights; log-probs stay float32
 
     # --- models ------------------------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ def _fail(name: str, value, allowed: str):
 
 def check_config(config: TrainConfig) -> None:
     """Range and consistency checks, each naming the field and what is allowed."""
+    check_cpu_threads(config.cpu_threads)
     if config.mode not in MODES:
         _fail("mode", config.mode, f"use one of {list(MODES)}")
     if config.advantage not in ADVANTAGES:
@@ -198,6 +200,11 @@ def check_config(config: TrainConfig) -> None:
         _fail("rewards", config.rewards, "at least two rewards in parrot mode (Pareto selection needs K ≥ 2)")
     if not config.train_unet and (config.freeze_expander or not config.uses_expander):
         _fail("train_unet", False, "true unless an expander is trained (freeze_expander: false, parrot mode)")
+
+
+def check_cpu_threads(value: int | None) -> None:
+    if value is not None and value < 1:
+        _fail("cpu_threads", value, "null (torch's default) or an integer ≥ 1")
 
 
 def check_push_to_hub(repo_id: str | None) -> None:

@@ -57,7 +57,7 @@ from parrot_pipeline import ParrotConfig, save_bundle
 from parrot_pipeline.bundle import CONFIG_NAME, _hub_id, upload_folder_to_hub
 from parrot_pipeline.tiny import _build_once, cache_dir
 
-from .config import DEVICES, LORA_TARGETS, PRECISIONS, _fail, check_push_to_hub, load_config
+from .config import DEVICES, LORA_TARGETS, PRECISIONS, _fail, check_cpu_threads, check_push_to_hub, load_config
 from .outputs import markdown_table, plot_validation, replacing, save_grid
 from .parrot import lora_parameters
 from .prompts import read_prompts
@@ -88,6 +88,7 @@ class RPOConfig:
     overwrite: bool = False  # replace an existing output_dir
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda; several GPUs: accelerate launch
+    cpu_threads: int | None = None  # torch's intra-op threads per process; null: torch's default
     mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in half precision, trained weights in float32
 
     # --- model -------------------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class RPOConfig:
 
 def check_rpo_config(config: RPOConfig) -> None:
     """Range and consistency checks, each naming the field and what is allowed; no file is read."""
+    check_cpu_threads(config.cpu_threads)
     for name, allowed in (("device", DEVICES), ("mixed_precision", PRECISIONS), ("lora_targets", list(LORA_TARGETS))):
         if getattr(config, name) not in allowed:
             _fail(name, getattr(config, name), f"use one of {list(allowed)}")

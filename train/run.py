@@ -34,6 +34,8 @@ def create_accelerator(config, output_dir: Path) -> Accelerator:
     """The run's accelerator (TensorBoard logs in ``output_dir/logs``); asking for CUDA where there is none fails."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("config `device` = 'cuda' but no CUDA device is available; use device: cpu or auto.")
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
     return Accelerator(
         cpu=config.device == "cpu" or not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
