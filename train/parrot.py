@@ -24,12 +24,10 @@ import math
 import random
 import time
 import uuid
-from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -188,45 +186,28 @@ class Trainer(TrainingRun):
         self._sft_weights = None
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly; called on every process (it gathers their RNGs)."""
+        """Everything a resumed run needs to continue exactly; called on every process."""
         return {
-            "run_id": self.run_id,
-            "iteration": self.iteration,
-            "config": self.config.to_dict(),
+            **self.run_state(),
             "unet_lora": lora_parameters(self.pipe.unet),
             "expander_lora": lora_parameters(self.expander) if self.expander is not None else None,
             "expander_sft_sha256": self.expander_sft_sha256,
-            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
-            "grad_scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "tracker": {key: list(values) for key, values in self.tracker.buffers.items()},
-            "history": self.history,
+            "tracker": self.tracker.state_dict(),
             "sft_losses": self.sft_losses,
             "first_batch": self.reward_batches.get("first"),
-            "random_states": self._collective("gathering RNG states", gather_object, [self.random_states()]),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.run_id = state["run_id"]
-        self.iteration = state["iteration"]
         with torch.no_grad():
             for module, saved in ((self.pipe.unet, state["unet_lora"]), (self.expander, state["expander_lora"])):
                 if module is not None:
                     for name, parameter in lora_parameters(module).items():
                         parameter.copy_(saved[name])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-            self.lr_schedulers[name].load_state_dict(state["lr_schedulers"][name])
-        if state["grad_scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
-        self.tracker.buffers = defaultdict(lambda: deque(maxlen=self.tracker.buffer_size))
-        for key, values in state["tracker"].items():
-            self.tracker.buffers[key].extend(values)
-        self.history = state["history"]
+        self.load_run_state(state)
+        self.tracker.load_state_dict(state["tracker"])
         self.sft_losses = state["sft_losses"]
         if state["first_batch"] is not None:
             self.reward_batches["first"] = state["first_batch"]
-        self._restore_random_states(state["random_states"])
 
     def _load_expander(self) -> None:
         config = self.config

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -438,32 +438,15 @@ class RPOTrainer(TrainingRun):
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly; called on every process (it gathers their RNGs)."""
-        return {
-            "run_id": self.run_id,
-            "iteration": self.iteration,
-            "config": self.config.to_dict(),
-            "weights": self.trainable(),
-            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
-            "history": self.history,
-            "best": self.best,
-            "best_weights": self.best_weights,
-            "random_states": self._collective("gathering RNG states", gather_object, [self.random_states()]),
-        }
+        return {**self.run_state(), "weights": self.trainable(), "best": self.best, "best_weights": self.best_weights}
 
     def load_state_dict(self, state: dict) -> None:
-        self.run_id = state["run_id"]
-        self.iteration = state["iteration"]
         with torch.no_grad():
             for name, parameter in self.trainable().items():
                 parameter.copy_(state["weights"][name])
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-            self.lr_schedulers[name].load_state_dict(state["lr_schedulers"][name])
-        self.history = state["history"]
+        self.load_run_state(state)
         self.best = state["best"]
         self.best_weights = state["best_weights"] if self.accelerator.is_main_process else None
-        self._restore_random_states(state["random_states"])
 
     # ------------------------------------------------------------------------------------------------------------
     # One step

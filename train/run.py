@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
 
 from parrot_pipeline import ParrotPipeline, push_bundle_to_hub
 from parrot_pipeline.tiny import default_tiny_model
@@ -153,11 +154,35 @@ class TrainingRun:
         if states["cuda"]:
             torch.cuda.set_rng_state_all(states["cuda"])
 
-    def _restore_random_states(self, saved_states: list[dict]) -> None:
-        """This process's RNGs from a checkpoint's per-process list; another process count keeps this sampler."""
+    def run_state(self) -> dict:
+        """What every run's checkpoint holds; a trainer's ``state_dict`` adds its weights and statistics. Called on
+        every process (it gathers their RNG states)."""
+        scaler = self.accelerator.scaler
+        return {
+            "run_id": self.run_id,
+            "iteration": self.iteration,
+            "config": self.config.to_dict(),
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.lr_schedulers.items()},
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "history": self.history,
+            "random_states": self._collective("gathering RNG states", gather_object, [self.random_states()]),
+        }
+
+    def load_run_state(self, state: dict) -> None:
+        """The inverse of :meth:`run_state`."""
+        self.run_id = state["run_id"]
+        self.iteration = state["iteration"]
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            self.lr_schedulers[name].load_state_dict(state["lr_schedulers"][name])
+        if state["grad_scaler"] is not None and self.accelerator.scaler is not None:  # fp16 on CUDA then and now
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+        self.history = state["history"]
+        saved_states = state["random_states"]
         if len(saved_states) == self.num_processes:
             self.set_random_states(saved_states[self.rank])
-        else:
+        else:  # another process count: each process keeps its own sampler
             logger.warning(
                 "The checkpoint was written by %d processes and this run has %d: weights, optimisers and statistics "
                 "continue, but the samples will not repeat an uninterrupted run.", len(saved_states), self.num_processes,

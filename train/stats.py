@@ -25,6 +25,14 @@ class PerPromptStatTracker:
         history = torch.tensor(list(self.buffers[key])) if len(self.buffers[key]) >= self.min_count else finite
         return standardise(rewards, history)
 
+    def state_dict(self) -> dict[str, list[float]]:
+        return {key: list(values) for key, values in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.buffers.clear()
+        for key, values in state.items():
+            self.buffers[key].extend(values)
+
 
 def standardise(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``(values − mean) / std`` with the mean and std of ``reference`` (std floored so constants give 0)."""
