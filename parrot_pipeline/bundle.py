@@ -498,6 +498,7 @@ def push_bundle_to_hub(
     seconds, then twice that, and so on; other HTTP errors (a bad token, no write access) are raised at once.
     """
     bundle = read_bundle(folder)
+    validate_repo_id(repo_id)  # before the card names it
     write_model_card(bundle.folder, bundle.config, repo_id=repo_id, extra_sections=_card_extra(bundle.folder))
     return upload_folder_to_hub(bundle.folder, repo_id, private=private, token=token, commit_message=commit_message,
                                 attempts=attempts, retry_wait=retry_wait)  # fmt: skip
