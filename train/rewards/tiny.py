@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer, EfficientNetImageProcessorPil
+from transformers import AlignConfig, AlignModel, AlignProcessor, BertTokenizer
 
 from parrot_pipeline.tiny import TINY_VERSION, WORDS, _build_once, cache_dir
 
@@ -18,6 +18,10 @@ from .clip import TransformersClipModel
 
 def tiny_align(seed: int = 0) -> tuple[AlignModel, AlignProcessor]:
     """An ALIGN (EfficientNet image tower, BERT text tower) with a word-level BERT vocabulary and ALIGN's processor."""
+    # imported when a tiny ALIGN is built: importing the rewards then works with transformers 4 too (TRL's
+    # benchmark environment), which lacks the PIL processor classes
+    from transformers import EfficientNetImageProcessorPil
+
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
     vocab = {token: index for index, token in enumerate(tokens)}
     torch.manual_seed(seed)
