@@ -1,6 +1,8 @@
 """The prompt expander: a causal language model (optionally with a LoRA adapter) that rewrites a short prompt.
 
-One implementation shared by the pipeline, the ComfyUI nodes and training.
+One implementation shared by the pipeline, the ComfyUI nodes and training. The LoRA adapter is attached, loaded and
+saved through peft's own ``PeftModel`` rather than transformers' peft integration (``add_adapter``/``load_adapter``),
+whose minimum peft version moves with each transformers release.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .hub import local_folder
@@ -25,6 +28,8 @@ DEFAULT_TEMPLATE = (
 )
 PROMPT_PLACEHOLDER = "{prompt}"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+# The attention and MLP projections a LoRA on the expander targets: GPT-2 names, then Llama-style names.
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -166,6 +171,20 @@ def tokenize_pairs(
     return inputs["input_ids"], inputs["attention_mask"], targets["input_ids"], targets["attention_mask"]
 
 
+def add_lora(model: PreTrainedModel, rank: int, alpha: float | None = None) -> PeftModel:
+    """``model`` wrapped in a fresh peft LoRA (adapter ``"default"``, so ``save_pretrained`` writes it at the top of
+    its folder) on every projection of ``LORA_TARGETS`` the model has; ``alpha`` defaults to ``rank``."""
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(LORA_TARGETS))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores its weights transposed
+    )
+    return get_peft_model(model, config)
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model"))
 
@@ -181,13 +200,14 @@ def load_expander(
     torch_dtype: torch.dtype | None = None,
     use_safetensors: bool | None = None,
     **hub_kwargs,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a folder or Hub repo.
 
     If the folder holds a peft adapter (``adapter_config.json``), the base model named by ``base_model`` (or by the
-    adapter's own ``base_model_name_or_path``) is loaded and the adapter attached under the name ``"parrot"``. The
-    tokenizer comes from the folder when it has one, else from the base model. The tokenizer pads with its EOS token
-    when it has no pad token (GPT-2 style models), which batched generation needs.
+    adapter's own ``base_model_name_or_path``) is loaded and wrapped in a ``PeftModel`` with the adapter, whose
+    config then names the base model actually loaded. The tokenizer comes from the folder when it has one, else from
+    the base model. The tokenizer pads with its EOS token when it has no pad token (GPT-2 style models), which
+    batched generation needs.
     """
     folder = local_folder(path_or_repo_id, what="expander", **hub_kwargs)
     model_folder = folder
@@ -201,7 +221,8 @@ def load_expander(
         model_folder = local_folder(base_model, what="expander base model", **hub_kwargs)
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch_dtype, use_safetensors=use_safetensors)
     if model_folder != folder:
-        model.load_adapter(str(folder), adapter_name="parrot")
+        model = PeftModel.from_pretrained(model, folder)
+        model.active_peft_config.base_model_name_or_path = base_model
     tokenizer_folder = next((f for f in (folder, model_folder) if _has_tokenizer(f)), None)
     if tokenizer_folder is None:
         raise ValueError(f"expander {str(path_or_repo_id)!r}: no tokenizer files (tokenizer.json, vocab.json…) found.")

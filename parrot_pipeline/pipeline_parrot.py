@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import (
@@ -68,7 +69,7 @@ class ParrotPipeline(StableDiffusionPipeline):
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
-        expander: PreTrainedModel | None = None,
+        expander: PreTrainedModel | PeftModel | None = None,
         expander_tokenizer: PreTrainedTokenizerBase | None = None,
         requires_safety_checker: bool = True,
     ):
@@ -102,8 +103,7 @@ class ParrotPipeline(StableDiffusionPipeline):
         instruction); its ``base_model`` is filled in with the model loaded here.
         """
         model, tokenizer = load_expander(path_or_repo_id, torch_dtype=self.text_encoder.dtype, **kwargs)
-        adapter = (getattr(model, "peft_config", None) or {}).get("parrot")
-        base_model = adapter.base_model_name_or_path if adapter else str(path_or_repo_id)
+        base_model = model.active_peft_config.base_model_name_or_path if isinstance(model, PeftModel) else str(path_or_repo_id)
         config = dataclasses.replace(expander_config or ExpanderConfig(), base_model=base_model)
         self._set_expander(model, tokenizer, config)
 

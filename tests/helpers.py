@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig
 
 from parrot_pipeline import ParrotPipeline
+from parrot_pipeline.expansion import add_lora
 
 STEPS = 4
 SIZE = 64
@@ -44,9 +45,7 @@ def add_unet_lora(pipe: ParrotPipeline, seed: int = 0, rank: int = 4, alpha: int
 
 
 def add_expander_lora(pipe: ParrotPipeline, seed: int = 1):
-    pipe.expander.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
-    )
+    pipe.register_modules(expander=add_lora(pipe.expander, rank=4))
     randomize_lora(pipe.expander, seed, scale=0.5)
 
 

@@ -1,6 +1,9 @@
 """The expander: loading, batched seeded generation, the expanded-prompt text."""
 
 import dataclasses
+import shutil
+
+from peft import PeftModel
 
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
@@ -47,10 +50,13 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny_expander_dir):
     assert expand_prompts(model, tokenizer, ["a cat", "a dog"], config, seed=2) != first
 
 
-def test_loading_an_adapter_folder_attaches_it_to_its_base(bundle_dir, tiny_expander_dir):
+def test_loading_an_adapter_folder_attaches_it_to_its_base(bundle_dir, tiny_expander_dir, tmp_path):
     base, _ = load_expander(tiny_expander_dir)
-    adapted, tokenizer = load_expander(bundle_dir / "expander", base_model=str(tiny_expander_dir))
-    assert "parrot" in adapted.peft_config
+    elsewhere = tmp_path / "expander-base"
+    shutil.copytree(tiny_expander_dir, elsewhere)
+    adapted, tokenizer = load_expander(bundle_dir / "expander", base_model=str(elsewhere))
+    assert isinstance(adapted, PeftModel)
+    assert adapted.active_peft_config.base_model_name_or_path == str(elsewhere), "names the base actually loaded"
     assert tokenizer.pad_token == tokenizer.eos_token
     config = ExpanderConfig(do_sample=False, max_new_tokens=8)
     assert expand_prompts(adapted, tokenizer, ["a cat"], config) != expand_prompts(base, tokenizer, ["a cat"], config)

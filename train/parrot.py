@@ -31,7 +31,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,6 +40,7 @@ from parrot_pipeline.bundle import default_reward_identifiers
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
     ExpanderConfig,
+    add_lora,
     compose_expanded_prompt,
     continuation_log_probs,
     generate_expansions,
@@ -67,7 +68,6 @@ from .sft import load_pairs, supervised_finetune
 from .stats import PerPromptStatTracker, standardise
 
 logger = logging.getLogger(__name__)
-EXPANDER_TARGETS = ["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def policy_loss(
@@ -240,11 +240,7 @@ class Trainer(TrainingRun):
             self._sft_weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
             self.expander_fine_tuned = True
         model.requires_grad_(False)
-        targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(EXPANDER_TARGETS))
-        self.expander = get_peft_model(
-            model, LoraConfig(r=config.expander_lora_rank, lora_alpha=config.expander_lora_rank,
-                              target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2")
-        )  # fmt: skip
+        self.expander = add_lora(model, rank=config.expander_lora_rank)
         if config.freeze_expander:
             self.expander.requires_grad_(False)
         self.expander_tokenizer = tokenizer
