@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 TINY_VERSION = "v1"
 CACHE_ENV = "PARROT_PIPELINE_CACHE"
+BUILD_WAIT_SECONDS = 600
 
 WORDS = """
 a an the of in on at with and or by for from to into under over near behind beside above below its their his her
@@ -204,9 +206,14 @@ def cache_dir() -> Path:
 def _build_once(target: Path, build) -> Path:
     """Run ``build(folder)`` in a temporary folder renamed to ``target``, unless ``target`` already exists, so
     concurrent or interrupted builds never leave a partial model. The build seeds torch itself; the caller's RNG
-    state is left as it was, so a run is the same whether or not it built the cache."""
+    state is left as it was, so a run is the same whether or not it built the cache.
+
+    In a process group only rank 0 builds: transformers' ``save_pretrained`` silently writes nothing on the other
+    ranks, which wait for rank 0's folder instead."""
     if target.is_dir():
         return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return _wait_for_build(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
@@ -218,6 +225,18 @@ def _build_once(target: Path, build) -> Path:
             raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+def _wait_for_build(target: Path) -> Path:
+    deadline = time.monotonic() + BUILD_WAIT_SECONDS
+    while not target.is_dir():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Waited {BUILD_WAIT_SECONDS} s for process 0 to build {target}. On several machines, point "
+                f"{CACHE_ENV} at a folder all of them share, or run once on one process to build it."
+            )
+        time.sleep(0.5)
     return target
 
 

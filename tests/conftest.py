@@ -16,10 +16,13 @@ from .hub_standin import HubStandIn
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """The embedded default model is built in a per-session temporary folder, not the user's cache."""
-    monkeypatch.setenv("PARROT_PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "parrot-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """The embedded default models are built in a per-session temporary folder, not the user's cache (before any
+    module-scoped fixture runs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PARROT_PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "parrot-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")

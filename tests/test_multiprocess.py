@@ -31,7 +31,8 @@ def launch(output: Path, *overrides: str, env: dict | None = None, timeout: floa
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("two")
-    result = launch(output)
+    # An empty model cache: both processes need the tiny models, which only rank 0 can write.
+    result = launch(output, env={"PARROT_PIPELINE_CACHE": str(tmp_path_factory.mktemp("empty-cache"))})
     assert result.returncode == 0, result.stderr[-4000:]
     return output
 
