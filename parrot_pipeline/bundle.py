@@ -23,12 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import peft
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
+from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
@@ -175,11 +177,25 @@ def check_scale(name: str, value) -> None:
 # LoRA formats
 
 
+# LoraConfig fields a bundle always records: diffusers' loader reads the patterns, and people read the rest.
+LORA_CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+
+
 def unet_lora_state_dict(unet: UNet2DConditionModel, adapter_name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The UNet adapter's weights in diffusers' file naming (``unet.<module>.lora_A.weight``) and its LoraConfig."""
+    """The UNet adapter's weights in diffusers' file naming (``unet.<module>.lora_A.weight``) and its LoraConfig.
+
+    The config keeps ``LORA_CONFIG_FIELDS`` and the fields that differ from peft's defaults: each peft release adds
+    fields that older releases refuse, so a bundle written with a newer peft then loads with an older one.
+    """
     weights = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state_dict = {UNET_PREFIX + key: value.detach().cpu().contiguous() for key, value in weights.items()}
-    return state_dict, unet.peft_config[adapter_name].to_dict()
+    defaults = LoraConfig().to_dict()
+    lora_config = {
+        key: value
+        for key, value in unet.peft_config[adapter_name].to_dict().items()
+        if key in LORA_CONFIG_FIELDS or value != defaults.get(key)
+    }
+    return state_dict, lora_config
 
 
 def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_config: dict) -> dict[str, torch.Tensor]:
@@ -308,7 +324,32 @@ def read_bundle(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Bundle:
     state_dict, _, metadata = StableDiffusionPipeline.lora_state_dict(
         str(folder), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True
     )
-    return Bundle(folder=folder, config=config, lora_state_dict=state_dict, lora_metadata=metadata)
+    return Bundle(folder, config, state_dict, _lora_metadata_for_installed_peft(metadata, source))
+
+
+def _lora_metadata_for_installed_peft(metadata: dict | None, source: str) -> dict | None:
+    """The LoRA's recorded LoraConfig (``unet.<field>`` keys) without the fields the installed peft lacks.
+
+    Bundles written by parrot-pipeline 0.1 record every field of their peft's LoraConfig, each peft release adding
+    some. A field the installed peft lacks is dropped when it is unset (None, False, empty) and refused otherwise,
+    since the adapter would then differ from the one trained; ``peft_version`` only records the writer.
+    """
+    if metadata is None:
+        return None
+    known = {f.name for f in fields(LoraConfig)}
+    kept, unsupported = {}, []
+    for key, value in metadata.items():
+        name = key.removeprefix(UNET_PREFIX)
+        if name in known:
+            kept[key] = value
+        elif value and name != "peft_version":
+            unsupported.append(f"{name}={value!r}")
+    if unsupported:
+        raise ValueError(
+            f"Bundle {source}: its LoRA uses {', '.join(unsupported)}, which peft {peft.__version__} does not have; "
+            "upgrade peft (`pip install -U peft`)."
+        )
+    return kept
 
 
 def save_bundle(

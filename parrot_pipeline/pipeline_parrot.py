@@ -18,7 +18,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .bundle import (
     DEFAULT_EXPANSION_GUIDANCE_SCALE,
     DEFAULT_GUIDANCE_SCALE,
-    LORA_WEIGHT_NAME,
     ParrotConfig,
     check_lora_fits,
     check_scale,
@@ -123,7 +122,10 @@ class ParrotPipeline(StableDiffusionPipeline):
 
         if ADAPTER_NAME in (getattr(self.unet, "peft_config", None) or {}):
             self.delete_adapters(ADAPTER_NAME)
-        self.load_lora_weights(str(bundle.folder), weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
+        self.load_lora_into_unet(
+            bundle.lora_state_dict, network_alphas=None, unet=self.unet, adapter_name=ADAPTER_NAME, _pipeline=self,
+            metadata=bundle.lora_metadata,
+        )  # fmt: skip
         if expander is not None:
             self._set_expander(*expander, bundle.config.expander)
         self.parrot_config = bundle.config
