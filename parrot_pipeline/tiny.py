@@ -7,6 +7,7 @@ out a small vocabulary of prompt words, so common words are single tokens as the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -74,18 +75,28 @@ def _vocab(base_units: list[str], merges: list[tuple[str, str]], specials: list[
     return {token: index for index, token in enumerate(tokens)}
 
 
+def _tokenizer_from_files(cls, vocab: dict[str, int], merges: list[tuple[str, str]], **kwargs):
+    """A BPE tokenizer read from ``vocab.json`` and ``merges.txt``, the files every transformers release reads
+    (an in-memory vocabulary needs transformers 5)."""
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+        Path(folder, "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return cls.from_pretrained(folder, **kwargs)
+
+
 def tiny_clip_tokenizer() -> CLIPTokenizer:
     units = list(bytes_to_unicode().values())
     merges = _bpe_merges(WORDS, word_end="</w>")
     vocab = _vocab(units + [u + "</w>" for u in units], merges, ["<|startoftext|>", "<|endoftext|>"])
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return _tokenizer_from_files(CLIPTokenizer, vocab, merges, model_max_length=77)
 
 
 def tiny_gpt2_tokenizer() -> GPT2Tokenizer:
     units = list(bytes_to_unicode().values())
     merges = _bpe_merges(WORDS, word_start=" ") + _bpe_merges(WORDS)
     vocab = _vocab(units, merges, ["<|endoftext|>"])
-    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=256)
+    tokenizer = _tokenizer_from_files(GPT2Tokenizer, vocab, merges, model_max_length=256)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import huggingface_hub.constants
+import huggingface_hub.utils
 import pytest
 import torch
 
@@ -56,6 +57,18 @@ def bundle_dir(tmp_path_factory, tiny_sd, tiny_expander_dir):
     target = tmp_path_factory.mktemp("bundles") / "bundle"
     pipe.save_parrot_weights(target, reward_names=["aesthetic", "clip_score", "sentiment"])
     return target
+
+
+@pytest.fixture
+def offline_hub():
+    """The Hub client offline, as under HF_HUB_OFFLINE=1. huggingface_hub 0.x keeps one HTTP session per thread,
+    made offline or online when first used, so the sessions are reset on both sides."""
+    reset_sessions = getattr(huggingface_hub.utils, "reset_sessions", lambda: None)  # gone in huggingface_hub 1.0
+    reset_sessions()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+    reset_sessions()
 
 
 @pytest.fixture

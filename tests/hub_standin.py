@@ -1,5 +1,5 @@
 """A stand-in for the Hugging Face Hub's HTTP API on loopback: the endpoints ``HfApi.create_repo`` and
-``HfApi.upload_folder`` use for small ("regular") files. Tests point ``huggingface_hub`` at it, so the real client
+``HfApi.upload_folder`` use for small ("regular") files, in huggingface_hub 0.x and later. Tests point ``huggingface_hub`` at it, so the real client
 code, HTTP included, runs without a network. ``failures[path]`` lists the error statuses the next requests to
 ``path`` answer."""
 
@@ -56,6 +56,8 @@ class HubStandIn:
             return self.reply(request, 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
         if method == "POST" and path == "/api/validate-yaml":  # the client checks the model card's metadata
             return self.reply(request, 200, {})
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path):  # huggingface_hub 0.x asks
+            return self.reply(request, 200, {"id": match.group(1), "sha": "0" * 40, "xetEnabled": False})  # for Xet
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
             files = json.loads(body)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]

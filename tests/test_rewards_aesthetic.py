@@ -72,15 +72,12 @@ def test_a_head_in_another_layout_is_refused_with_the_expected_one(tiny_clip_dir
         reward(IMAGES, ["unused"] * 3, {})
 
 
-def test_a_missing_head_fails_with_the_id_and_the_local_file_way(tiny_clip_dir, monkeypatch):
-    import huggingface_hub.constants
-
+def test_a_missing_head_fails_with_the_id_and_the_local_file_way(offline_hub, tiny_clip_dir):
     with pytest.raises(FileNotFoundError, match="`head`: no file '/nowhere/head.pth'"):
         load_config("configs/quickstart.yaml", ["rewards=[aesthetic, colorfulness]",
                                                 "reward_options={aesthetic: {head: /nowhere/head.pth}}"])  # fmt: skip
     with pytest.raises(ValueError, match="`head` is 'hf-hub:someone/repo'; a file on the Hub is 'hf-hub:owner/repo/fi"):
         resolve_reward("aesthetic", {"head": "hf-hub:someone/repo"})
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     head = "hf-hub:someone/not-cached/head.pth"
     reward = resolve_reward("aesthetic", {"model": f"local-dir:{tiny_clip_dir}", "head": head})
     message = r"(?s)'hf-hub:someone/not-cached/head.pth'.*hf download someone/not-cached head.pth.*head: /path/to/"

@@ -48,10 +48,7 @@ def test_preprocessing_is_open_clips_own_transform_on_8_bit_images(tiny_clip_dir
     assert isinstance(to_pil(image)[0], Image.Image)
 
 
-def test_missing_checkpoint_offline_names_the_id_and_the_local_folder_way(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_missing_checkpoint_offline_names_the_id_and_the_local_folder_way(offline_hub):
     reward = resolve_reward("clip_score", {"model": "hf-hub:someone/clip-that-is-not-cached"})
     with pytest.raises(OSError, match="'hf-hub:someone/clip-that-is-not-cached'.*local-dir:"):
         reward(torch.rand(1, 3, 32, 32), ["a cat"], {})

@@ -54,10 +54,7 @@ def test_preprocessing_is_dinos_own_processor(dino_dir):
     torch.testing.assert_close(pixels, torch.stack([dino_transform(image) for image in images]), rtol=0, atol=1e-5)
 
 
-def test_the_missing_default_model_offline_names_the_id_and_the_local_folder_way(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_the_missing_default_model_offline_names_the_id_and_the_local_folder_way(offline_hub):
     reward = resolve_reward("dino_similarity", {})
     with pytest.raises(OSError, match=r"(?s)'facebook/dino-vits16'.*hf download facebook/dino-vits16.*model: DIR"):
         reward(IMAGES, ["a dog"] * 3, {"reference_images": REFERENCES})

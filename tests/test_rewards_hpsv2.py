@@ -74,10 +74,7 @@ def test_a_checkpoint_that_does_not_fit_names_it_and_the_architecture(hps, tmp_p
         resolve_reward("hpsv2", {"model": "local-dir:/some/folder", "checkpoint": str(path)})
 
 
-def test_the_missing_default_checkpoint_offline_names_it_and_the_local_file_way(hps, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_the_missing_default_checkpoint_offline_names_it_and_the_local_file_way(offline_hub, hps):
     reward = resolve_reward("hpsv2", {"model": hps[0]})
     message = r"(?s)'hf-hub:xswu/HPSv2/HPS_v2.1_compressed.pt'.*hf download xswu/HPSv2 HPS_v2.1_compressed.pt"
     with pytest.raises(OSError, match=message) as error:

@@ -108,10 +108,7 @@ def test_bad_options_are_refused_with_the_config(options, error, message):
         load_config("configs/quickstart.yaml", overrides)
 
 
-def test_the_missing_default_align_offline_names_the_id_and_the_local_folder_way(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_the_missing_default_align_offline_names_the_id_and_the_local_folder_way(offline_hub):
     scorer = resolve_reward("lambda_harmonic", {})
     with pytest.raises(OSError, match=r"(?s)'kakaobrain/align-base'.*hf download kakaobrain/align-base.*model: DIR"):
         scorer(IMAGES, PROMPTS, {"reference_images": SUBJECT})

@@ -54,10 +54,7 @@ def test_preprocessing_is_clips_resize_crop_normalise_on_pil(pickscore_dirs):
     torch.testing.assert_close(pixels, torch.stack([clip_transform(image) for image in images]), rtol=0, atol=1e-5)
 
 
-def test_a_missing_model_offline_names_the_id_and_the_local_folder_way(pickscore_dirs, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_a_missing_model_offline_names_the_id_and_the_local_folder_way(offline_hub, pickscore_dirs):
     reward = resolve_reward("pickscore", {"processor": str(pickscore_dirs[1])})
     message = r"(?s)'yuvalkirstain/PickScore_v1'.*hf download yuvalkirstain/PickScore_v1 .*model: DIR"
     with pytest.raises(OSError, match=message):

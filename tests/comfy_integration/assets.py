@@ -94,11 +94,11 @@ def build_sd15_assets(server) -> Path:
         diffusers_folder = server.base / "models" / "diffusers" / "sd15-random"
         pipe.save_pretrained(diffusers_folder)
         # transformers 5 saves CLIPTextModel without the "text_model." prefix of SD 1.5's published
-        # text_encoder/model.safetensors, the layout ComfyUI's loader reads: write it in that layout.
+        # text_encoder/model.safetensors (transformers 4 keeps it), the layout ComfyUI's loader reads.
         text_encoder_file = diffusers_folder / "text_encoder" / "model.safetensors"
-        save_file(
-            {"text_model." + key: value for key, value in load_file(text_encoder_file).items()}, text_encoder_file
-        )
+        weights = load_file(text_encoder_file)
+        save_file({("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in weights.items()},
+                  text_encoder_file)  # fmt: skip
         server.run_ok(
             {
                 "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "sd15-random"}},
@@ -120,7 +120,7 @@ def build_sd15_assets(server) -> Path:
         }
         # ComfyUI fills weights it did not find with whatever memory held: check that every weight made it.
         position_embedding = state_dict["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"]
-        if not torch.equal(position_embedding, pipe.text_encoder.state_dict()["embeddings.position_embedding.weight"]):
+        if not torch.equal(position_embedding, pipe.text_encoder.text_model.embeddings.position_embedding.weight):
             raise RuntimeError("ComfyUI did not load the text encoder of the random SD 1.5 model")
         if not all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point()):
             raise RuntimeError("the random SD 1.5 checkpoint written by ComfyUI has non-finite weights")

@@ -8,7 +8,7 @@ import torch
 
 from parrot_pipeline.bundle import CONFIG_NAME
 
-from .helpers import STEPS, load, seeded
+from ..helpers import STEPS, load, seeded
 
 
 @pytest.fixture
@@ -112,10 +112,7 @@ def test_pickle_files_are_refused_and_never_opened(pipe, bundle_dir, tmp_path, m
         pipe.load_parrot_weights(folder)
 
 
-def test_unreachable_hub_id_offline_names_the_id(pipe, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_unreachable_hub_id_offline_names_the_id(offline_hub, pipe):
     with pytest.raises(OSError, match="'someone/parrot-bundle-that-is-not-cached'"):
         pipe.load_parrot_weights("someone/parrot-bundle-that-is-not-cached")
     with pytest.raises(OSError, match="'someone/an-expander'"):

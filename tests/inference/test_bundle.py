@@ -19,7 +19,7 @@ from parrot_pipeline.bundle import (
     unet_lora_state_dict,
 )
 
-from .helpers import STEPS, add_expander_lora, add_unet_lora, load, seeded
+from ..helpers import STEPS, add_expander_lora, add_unet_lora, load, seeded
 
 
 def generate(pipe, **kwargs):
@@ -162,7 +162,7 @@ def test_push_bundle_to_hub_uploads_through_the_real_client_and_retries_server_e
 
     import huggingface_hub.constants
 
-    from .hub_standin import HubStandIn
+    from ..hub_standin import HubStandIn
 
     folder = tmp_path / "to-push"
     shutil.copytree(bundle_dir, folder)
@@ -189,7 +189,7 @@ def test_push_bundle_to_hub_does_not_retry_a_refused_token(bundle_dir, tmp_path,
     import huggingface_hub.constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub_standin import HubStandIn
+    from ..hub_standin import HubStandIn
 
     with HubStandIn() as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)

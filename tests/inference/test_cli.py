@@ -6,7 +6,7 @@ from PIL import Image
 
 from parrot_pipeline.cli import main
 
-from .helpers import STEPS, load, seeded
+from ..helpers import STEPS, load, seeded
 
 
 def test_generate_with_the_embedded_default(tmp_path, capsys):

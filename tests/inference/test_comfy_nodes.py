@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ from comfy_nodes.nodes import (
 from comfy_nodes.paths import cached_hub_bundles, local_bundles, resolve_bundle
 from parrot_pipeline import ParrotConfig
 
-from .helpers import add_to_hub_cache
+from ..helpers import add_to_hub_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / "example_workflows" / "parrot_sd15.json"
 API_WORKFLOW = REPO / "example_workflows" / "api" / "parrot_sd15_api.json"
 # Every node is defined in one place; the loader's bundle list needs ComfyUI's folder_paths, the others don't.
@@ -233,7 +234,6 @@ def test_workflows_use_the_parrot_nodes_as_declared():
 
 
 def test_requirements_txt_is_the_package_dependencies_without_torch():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     requirements = [
         line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
@@ -241,3 +241,20 @@ def test_requirements_txt_is_the_package_dependencies_without_torch():
     assert sorted(requirements) == sorted(d for d in project["project"]["dependencies"] if not d.startswith("torch"))
     assert project["tool"]["comfy"]["PublisherId"] and project["tool"]["comfy"]["DisplayName"]
     assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["parrot_pipeline*"]
+
+
+def test_every_dependency_has_a_floor_and_ci_pins_the_highest():
+    """CI's floors leg pins what .ci/floors.py prints: every dependency needs a lower bound to be pinned at, and a
+    package named in several places (transformers: 4.57.1 for inference, 5.6 for training) gets its highest."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert [r for r in requirements if ">=" not in r] == []
+
+    def floors(*extras):
+        result = subprocess.run([sys.executable, ".ci/floors.py", *extras], cwd=REPO, capture_output=True, text=True)
+        return dict(line.split("==") for line in result.stdout.split())
+
+    inference, training = floors("dev"), floors("train", "dev")
+    assert inference["transformers"] == "4.57.1" and training["transformers"] == "5.6"
+    assert inference["huggingface-hub"] == "0.34" and training["huggingface-hub"] == "1.5"
+    assert "torch" not in training and training["torchvision"] == "0.29.1", "CI installs torch from its own files"

@@ -5,7 +5,7 @@ import torch
 from parrot_pipeline import parrot_guidance
 from parrot_pipeline.guidance import parrot_guidance as guidance_in_module
 
-from .helpers import SIZE, load, seeded
+from ..helpers import SIZE, load, seeded
 
 
 def test_formula_matches_both_written_forms():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .helpers import SIZE, STEPS, load, seeded
+from ..helpers import SIZE, STEPS, load, seeded
 
 
 def reference_images(path, prompt, guidance_scale, negative_prompt=None, seed=0):
