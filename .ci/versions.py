@@ -52,6 +52,7 @@ def main() -> None:
         print(" ".join(f"{name}=={versions.get(name, '(not installed)')}" for name in declared()))
         return
     green = read_freeze(args.since)
+    versions.pop(canonicalize_name(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]), None)
     changed = [(name, version, green.get(name)) for name, version in sorted(versions.items()) if green.get(name) != version]
     if not changed:
         print(f"every installed package has the version of the last passing run ({args.since.name})")

@@ -120,7 +120,9 @@ def build_sd15_assets(server) -> Path:
         }
         # ComfyUI fills weights it did not find with whatever memory held: check that every weight made it.
         position_embedding = state_dict["cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"]
-        if not torch.equal(position_embedding, pipe.text_encoder.text_model.embeddings.position_embedding.weight):
+        encoder = pipe.text_encoder.state_dict()  # its keys carry "text_model." under transformers 4, not under 5
+        expected = next(v for k, v in encoder.items() if k.endswith("embeddings.position_embedding.weight"))
+        if not torch.equal(position_embedding, expected):
             raise RuntimeError("ComfyUI did not load the text encoder of the random SD 1.5 model")
         if not all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point()):
             raise RuntimeError("the random SD 1.5 checkpoint written by ComfyUI has non-finite weights")
