@@ -87,6 +87,9 @@ class GeneratedExpansions:
     attention_mask: torch.Tensor  # [B, L]
     new_tokens: torch.Tensor  # [B, T] generated tokens
     new_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+    # [B, T, V] bool, with ``record_support``: the tokens the sampler could draw at each step, what top-k, top-p
+    # and the model's suppressed tokens left of the vocabulary
+    support: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -96,11 +99,14 @@ def generate_expansions(
     prompts: Sequence[str],
     config: ExpanderConfig,
     seed: int | None = None,
+    record_support: bool = False,
 ) -> GeneratedExpansions:
     """Expand a batch of prompts in one ``generate`` call.
 
     Sampling draws from torch's RNG, forked and seeded with ``seed`` when one is given, so the same seed gives the
-    same expansions and the caller's RNG state is left untouched.
+    same expansions and the caller's RNG state is left untouched. ``record_support`` keeps each step's support of
+    the sampling distribution (from ``generate``'s processed scores), so training scores an expansion under the
+    distribution it was drawn from.
     """
     inputs = tokenizer(
         [config.instruction(prompt) for prompt in prompts], return_tensors="pt", padding=True, padding_side="left"
@@ -109,7 +115,7 @@ def generate_expansions(
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.manual_seed(seed)
-        sequences = model.generate(
+        output = model.generate(
             **inputs,
             max_new_tokens=config.max_new_tokens,
             do_sample=config.do_sample,
@@ -117,12 +123,15 @@ def generate_expansions(
             top_k=config.top_k if config.do_sample else None,
             top_p=config.top_p if config.do_sample else None,
             pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=record_support,
         )
-    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+    new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
     is_eos = new_tokens == tokenizer.eos_token_id
     new_mask = (torch.cumsum(is_eos, dim=1) - is_eos.long()) == 0
     texts = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return GeneratedExpansions(texts, inputs["input_ids"], inputs["attention_mask"], new_tokens, new_mask.long())
+    support = torch.stack(output.scores, dim=1).isfinite() if record_support else None
+    return GeneratedExpansions(texts, inputs["input_ids"], inputs["attention_mask"], new_tokens, new_mask.long(), support)
 
 
 def expand_prompts(
@@ -142,17 +151,28 @@ def continuation_log_probs(
     attention_mask: torch.Tensor,
     new_tokens: torch.Tensor,
     new_mask: torch.Tensor,
+    support: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sum of the log-probabilities of ``new_tokens`` (where ``new_mask``) after each left-padded prompt, with
-    gradients: ``log p_φ(ĉ | c)`` for REINFORCE and, negated and averaged, the supervised loss."""
+    gradients: ``log p_φ(ĉ | c)`` for REINFORCE and, negated and averaged, the supervised loss.
+
+    With ``support`` (``GeneratedExpansions.support``) and the sampling ``temperature``, under the distribution
+    the tokens were sampled from: the softmax of ``logits / temperature`` over each step's support. Without, under
+    the model's full distribution (teacher forcing).
+    """
     tokens = torch.cat([input_ids, new_tokens], dim=1)
     mask = torch.cat([attention_mask, new_mask], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions).logits
     start = input_ids.shape[1]
-    log_probs = torch.log_softmax(logits[:, start - 1 : -1].float(), dim=-1)
+    logits = logits[:, start - 1 : -1].float() / temperature
+    if support is not None:
+        logits = logits.masked_fill(~support, float("-inf"))
+    log_probs = torch.log_softmax(logits, dim=-1)
     token_log_probs = log_probs.gather(2, new_tokens.unsqueeze(2)).squeeze(2)
-    return (token_log_probs * new_mask).sum(dim=1)
+    # padding after EOS may lie outside the support (log-prob −inf): where, not a product, leaves it out
+    return torch.where(new_mask.bool(), token_log_probs, 0.0).sum(dim=1)
 
 
 def tokenize_pairs(
@@ -197,6 +217,7 @@ def load_expander(
     path_or_repo_id: str | os.PathLike,
     *,
     base_model: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
     torch_dtype: torch.dtype | None = None,
     use_safetensors: bool | None = None,
     **hub_kwargs,
@@ -205,8 +226,9 @@ def load_expander(
 
     If the folder holds a peft adapter (``adapter_config.json``), the base model named by ``base_model`` (or by the
     adapter's own ``base_model_name_or_path``) is loaded and wrapped in a ``PeftModel`` with the adapter, whose
-    config then names the base model actually loaded. The tokenizer comes from the folder when it has one, else from
-    the base model. The tokenizer pads with its EOS token when it has no pad token (GPT-2 style models), which
+    config then names the base model actually loaded. The tokenizer comes from ``tokenizer`` (a folder or Hub id,
+    for models whose repository has none, as Promptist uses GPT-2's), else from the folder when it has one, else
+    from the base model. The tokenizer pads with its EOS token when it has no pad token (GPT-2 style models), which
     batched generation needs.
     """
     folder = local_folder(path_or_repo_id, what="expander", **hub_kwargs)
@@ -223,11 +245,17 @@ def load_expander(
     if model_folder != folder:
         model = PeftModel.from_pretrained(model, folder)
         model.active_peft_config.base_model_name_or_path = base_model
-    tokenizer_folder = next((f for f in (folder, model_folder) if _has_tokenizer(f)), None)
+    if tokenizer is not None:
+        tokenizer_folder = local_folder(tokenizer, what="expander tokenizer", **hub_kwargs)
+    else:
+        tokenizer_folder = next((f for f in (folder, model_folder) if _has_tokenizer(f)), None)
     if tokenizer_folder is None:
-        raise ValueError(f"expander {str(path_or_repo_id)!r}: no tokenizer files (tokenizer.json, vocab.json…) found.")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ValueError(
+            f"expander {str(path_or_repo_id)!r}: no tokenizer files (tokenizer.json, vocab.json…) found; name the "
+            "tokenizer it uses (`expander_tokenizer`)."
+        )
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    if loaded_tokenizer.pad_token is None:
+        loaded_tokenizer.pad_token = loaded_tokenizer.eos_token
     model.eval()
-    return model, tokenizer
+    return model, loaded_tokenizer
