@@ -112,3 +112,16 @@ def test_the_missing_default_align_offline_names_the_id_and_the_local_folder_way
     scorer = resolve_reward("lambda_harmonic", {})
     with pytest.raises(OSError, match=r"(?s)'kakaobrain/align-base'.*hf download kakaobrain/align-base.*model: DIR"):
         scorer(IMAGES, PROMPTS, {"reference_images": SUBJECT})
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("a sks dog on a beach", "a dog on a beach"),
+    ("a photo of sks, wearing a hat", "a photo of, wearing a hat"),
+    ("sks's collar in the grass", "collar in the grass"),
+    ("sks, a dog", "a dog"),
+    ("a sks dog asks for food.", "a dog asks for food."),  # a word that contains it stays
+])  # fmt: skip
+def test_the_identifier_is_removed_with_its_punctuation_and_possessive(prompt, expected):
+    from train.rewards.lambda_harmonic import remove_identifier
+
+    assert remove_identifier(prompt, "sks") == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from . import register
@@ -29,8 +31,12 @@ def lambda_harmonic(subject: torch.Tensor, alignment: torch.Tensor, lam: float) 
 
 
 def remove_identifier(text: str, identifier: str | None) -> str:
-    """The prompt without the subject identifier word ("a sks dog" → "a dog"), as text alignment is scored."""
-    return " ".join(word for word in text.split() if word != identifier)
+    """The prompt without the subject identifier, as text alignment is scored: the word wherever it stands, with
+    its possessive, punctuation kept ("a sks dog" → "a dog", "a photo of sks, on a beach" → "a photo of, on a
+    beach", "sks's collar" → "collar")."""
+    if identifier:
+        text = re.sub(rf"(?<![\w']){re.escape(identifier)}(?:['’]s)?(?![\w'])", "", text)
+    return re.sub(r"\s+([,.;:!?])", r"\1", " ".join(text.split())).lstrip(",.;:!? ")
 
 
 @register("lambda_harmonic", value_range="[0, 1]; RPO's λ = 0.5 models reach about 0.6–0.7",
