@@ -126,11 +126,25 @@ def test_custom_pipeline_route(bundle_dir, tiny_sd):
     np.testing.assert_allclose(out.images, generate(reference).images, atol=1e-6)
 
 
-def test_loading_a_second_bundle_replaces_the_first(bundle_dir, tiny_sd, tmp_path):
+def test_loading_a_second_bundle_replaces_the_first(bundle_dir, tiny_sd, tiny_expander_dir, tmp_path):
+    other = load(tiny_sd)
+    other.load_expander(tiny_expander_dir)
+    add_unet_lora(other, seed=7)
+    add_expander_lora(other, seed=8)
+    other.save_parrot_weights(tmp_path / "other", reward_names=["x", "y"])
+
     pipe = load(tiny_sd)
     pipe.load_parrot_weights(bundle_dir)
-    pipe.load_parrot_weights(bundle_dir)
-    assert list(pipe.unet.peft_config) == ["parrot"]
+    pipe.load_parrot_weights(tmp_path / "other")
+    assert list(pipe.unet.peft_config) == ["parrot"] and pipe.parrot_config.reward_names == ["x", "y"]
+    fresh = load(tiny_sd)
+    fresh.load_parrot_weights(tmp_path / "other")
+    second, only = generate(pipe), generate(fresh)
+    assert second.expanded_prompts == only.expanded_prompts
+    np.testing.assert_array_equal(second.images, only.images)
+    first = load(tiny_sd)
+    first.load_parrot_weights(bundle_dir)
+    assert np.abs(second.images - generate(first).images).max() > 1e-3, "nothing of the first bundle is left"
 
 
 def test_save_refuses_existing_folder_without_overwrite(bundle_dir, tiny_sd, tmp_path):

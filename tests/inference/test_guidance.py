@@ -1,5 +1,6 @@
 """The guidance formula, alone and inside the pipeline, against hand computations."""
 
+import numpy as np
 import torch
 
 from parrot_pipeline import parrot_guidance
@@ -65,3 +66,24 @@ def test_pipeline_step_is_the_formula_on_one_batched_call(tiny_sd):
         guided = 4.0 * original + (1 - 4.0 - 2.5) * uncond + 2.5 * expanded
         latents = pipe.scheduler.step(guided, t, latents).prev_sample
         torch.testing.assert_close(observed, latents, rtol=1e-5, atol=1e-5)
+
+
+def test_w1_weighs_the_original_prompt_and_w2_the_expansion(tiny_sd):
+    """Each scale on its own branch, through the real UNet: with w1 = 0 the step is classifier-free guidance on ĉ
+    alone, with w2 = 0 on c alone (a pipeline that swapped the branches fails both)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load(tiny_sd)
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    stock.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 3, "output_type": "np", "height": SIZE, "width": SIZE}
+    original, expanded = "a cat", "a dog by the sea, highly detailed"
+    only_expanded = pipe(original, expanded_prompt=expanded, guidance_scale=0.0, expansion_guidance_scale=4.0,
+                         generator=seeded(), **kwargs).images  # fmt: skip
+    only_original = pipe(original, expanded_prompt=expanded, guidance_scale=4.0, expansion_guidance_scale=0.0,
+                         generator=seeded(), **kwargs).images  # fmt: skip
+    cfg_on_expanded = stock(expanded, guidance_scale=4.0, generator=seeded(), **kwargs).images
+    cfg_on_original = stock(original, guidance_scale=4.0, generator=seeded(), **kwargs).images
+    assert np.abs(cfg_on_expanded - cfg_on_original).max() > 1e-2, "the two prompts give different images"
+    np.testing.assert_allclose(only_expanded, cfg_on_expanded, atol=1e-5)
+    np.testing.assert_allclose(only_original, cfg_on_original, atol=1e-5)
