@@ -22,7 +22,8 @@ ratio: an iteration against its own floor, or two trainers' images/s in the same
 
 Shared settings: the tiny embedded model saved as a plain Stable Diffusion folder, 64 px, batch 8, 10 DDIM steps
 with eta 1, guidance 5, LoRA rank 4 on the attention projections (TRL's only LoRA; ``lora_targets: attention``
-here), one inner epoch, every timestep trained with the gradient accumulated over them, PPO clip 1e-4,
+here), one inner epoch and one optimiser step per iteration on both sides (one minibatch of all 8 samples, its
+gradient accumulated over every timestep; ``gradient_accumulation_steps: 1`` here), PPO clip 1e-4,
 per-prompt advantages, gradient-norm clip 1, AdamW at 3e-4, one torch thread (steadier on a small shared
 machine). Wall time is what the targets are about; process CPU time is printed as a cross-check. Peak RSS is each
 child's own ``VmHWM`` (not ``ru_maxrss``: a child started by ``subprocess`` inherits its parent's high-water mark
@@ -190,7 +191,8 @@ def trainer_config(mode: str, args):
         output_dir=str(Path(args.scratch) / mode), overwrite=True, seed=0, device="cpu", pretrained_model=args.model,
         expander_model=None, prompts=str(PROMPTS), eval_prompts=str(EVAL_PROMPTS), resolution=64,
         num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=ETA, images_per_prompt=BATCH, train_batch_size=BATCH,
-        timestep_fraction=1.0, accumulate_timesteps=True, learning_rate=LEARNING_RATE, weight_decay=1e-4,
+        timestep_fraction=1.0, gradient_accumulation_steps=1, num_inner_epochs=1, learning_rate=LEARNING_RATE,
+        weight_decay=1e-4,
         max_grad_norm=1.0, lora_rank=LORA_RANK, lora_targets="attention", eval_every=0,
     )  # fmt: skip
     if mode == "ddpo":

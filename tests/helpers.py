@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -64,3 +66,14 @@ def add_to_hub_cache(cache_dir, repo_id: str, folder, commit: str = "0" * 40):
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(os.path.relpath(blob, link.parent))
     return repo / "snapshots" / commit
+
+
+def two_process_launch(script: str, *args: str) -> list[str]:
+    """``accelerate launch`` of ``script`` in two CPU processes (torchrun; the config's ``device: cpu`` makes them
+    use gloo) on a free port, so runs side by side do not collide on torchrun's default port 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), script, *args]  # fmt: skip

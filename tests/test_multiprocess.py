@@ -5,7 +5,6 @@ torchrun, and the config's ``device: cpu`` makes the processes use gloo.)"""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,16 @@ from safetensors.torch import load_file
 
 from train.pareto import non_dominated_mask
 
+from .helpers import two_process_launch
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 SETTINGS = ["iterations=2", "images_per_prompt=4", "num_inference_steps=2", "resolution=32", "eval_every=0",
             "expander_sft_epochs=1", "expander_max_new_tokens=6", "checkpoint_every=1", "train_batch_size=1",
-            "accumulate_timesteps=false"]  # fmt: skip
+            "gradient_accumulation_steps=1"]  # fmt: skip
 
 
 def launch(output: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "tests/multiprocess_run.py", str(output), "device=cpu", *SETTINGS, *overrides]  # fmt: skip
+    command = two_process_launch("tests/multiprocess_run.py", str(output), "device=cpu", *SETTINGS, *overrides)
     return subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY), **(env or {})})  # fmt: skip
 
@@ -45,6 +44,13 @@ def test_every_process_ends_with_the_same_weights(two_process_run):
     assert initial, "the run wrote checkpoints"
 
 
+def test_the_main_process_expands_and_fine_tunes_for_all(two_process_run):
+    """Rank 1 perturbs its own supervised stage and samples with another seed (tests/multiprocess_run.py): the
+    texts and weights still agree, because both come from rank 0."""
+    texts = [(two_process_run / f"texts_rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert len(texts[0]) == 2 and texts[0] == texts[1]
+
+
 def test_the_front_is_selected_over_the_gathered_batch(two_process_run):
     recorded = [load_file(two_process_run / f"recorded_rank{r}.safetensors") for r in (0, 1)]
     for iteration in range(2):
@@ -55,12 +61,19 @@ def test_the_front_is_selected_over_the_gathered_batch(two_process_run):
         expected_rows = torch.cat([torch.cat([local[r][g * per_process : (g + 1) * per_process] for r in (0, 1)])
                                    for g in range(groups)])  # fmt: skip
         assert torch.equal(rewards, expected_rows), "group-major order of both processes' samples"
-        selected = recorded[0][f"{iteration}/selected"].bool()
+        selected = recorded[0][f"{iteration}/front"].bool()
         single_process_front = torch.cat([non_dominated_mask(rewards[g * 4 : (g + 1) * 4]) for g in range(groups)])
         assert torch.equal(selected, single_process_front)
         for r in (0, 1):  # each process back-propagates its own rows of the front
             mine = torch.cat([selected[g * 4 + r * per_process : g * 4 + (r + 1) * per_process] for g in range(groups)])
             assert torch.equal(recorded[r][f"{iteration}/local_selected"].bool(), mine)
+        # the weights of each identifier's front, spread over both processes, sum to 1/K whatever its size
+        weights = recorded[0][f"{iteration}/weights"]  # [process, group·local sample]
+        assert torch.equal(weights, recorded[1][f"{iteration}/weights"])
+        for g in range(groups):
+            group = weights[:, g * per_process : (g + 1) * per_process]
+            assert group.sum().item() == pytest.approx(1 / groups)
+            assert torch.allclose(group[group > 0], group[group > 0][0]), "equal within a front"
 
 
 def test_only_the_main_process_writes(two_process_run):

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from train.parrot import lora_parameters
 from train.rewards.references import read_subject_images
 from train.rpo import RPOConfig, RPOTrainer, label_probabilities, main, rpo_loss
 
-from .helpers import load, seeded
+from .helpers import load, seeded, two_process_launch
 
 SUBJECT = "train/data/rpo/quickstart_subject"
 
@@ -323,9 +322,8 @@ def test_a_run_pushes_its_bundle_to_the_hub(tmp_path, hub):
 
 def test_two_processes_train_the_same_weights_and_one_writes(tmp_path):
     repository = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/rpo_multiprocess_run.py",
-               str(tmp_path), "device=cpu", *small_overrides(tmp_path, tmp_path / "negatives")[2:]]  # fmt: skip
+    command = two_process_launch("tests/rpo_multiprocess_run.py", str(tmp_path), "device=cpu",
+                                 *small_overrides(tmp_path, tmp_path / "negatives")[2:])  # fmt: skip
     result = subprocess.run(command, cwd=repository, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repository)})  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

@@ -174,6 +174,9 @@ def test_reward_errors_name_the_reward():
         (["overwrite=yes please"], TypeError, "`overwrite` must be bool"),
         (["overwrite=yes"], TypeError, "`overwrite` must be bool"),  # YAML 1.2 booleans: true or false
         (["device=gpu"], ValueError, "`device`"),
+        (["accumulate_timesteps=true"], ValueError, "`accumulate_timesteps` is gone: .*gradient_accumulation_steps"),
+        (["gradient_accumulation_steps=0"], ValueError, "`gradient_accumulation_steps`"),
+        (["num_inner_epochs=0"], ValueError, "`num_inner_epochs`"),
         (["cpu_threads=0"], ValueError, "`cpu_threads`"),
     ],
 )
@@ -196,3 +199,20 @@ def test_presets_load():
         assert config.mode in ("parrot", "dpok", "ddpo")
     paper = load_config("configs/parrot_sd15.yaml")
     assert (paper.lora_targets, paper.num_inference_steps, paper.learning_rate) == ("cross_attention", 50, 1e-5)
+    assert paper.rewards == ["aesthetic", "clip_score", "pickscore", "sentiment"], "the paper's four rewards"
+    assert paper.images_per_prompt * len(paper.rewards) == 256 and paper.advantage == "raw"
+    assert paper.gradient_accumulation_steps is None and paper.num_inner_epochs == 1, "one optimiser step per batch"
+    assert (paper.expander_model, paper.expander_template) == ("microsoft/Promptist", "{prompt} Rephrase:")
+    dpok = load_config("configs/dpok_sd15.yaml")
+    assert (dpok.reward_scale, dpok.kl_beta, dpok.clip_range) == (1000.0, 0.1, 1e-4), "DPOK's α, β and ratio clamp"
+    ddpo = load_config("configs/ddpo_sd15.yaml")
+    assert ddpo.images_per_prompt // ddpo.train_batch_size // ddpo.gradient_accumulation_steps == 4, "optimiser steps"
+
+
+def test_dpok_clamps_the_ratio_and_stops_its_gradient_on_both_sides():
+    advantages = torch.tensor([1.0, 1.0, -1.0])
+    new = torch.log(torch.tensor([1.5, 0.5, 1.5])).requires_grad_()
+    loss = policy_loss(new, torch.zeros(3), advantages, clip_range=0.1, clamp_ratio=True)
+    torch.testing.assert_close(loss.detach(), torch.tensor([-1.1, -0.9, 1.1]))
+    loss.sum().backward()
+    assert new.grad.tolist() == [0.0, 0.0, 0.0], "PPO's form would push the ratio 0.5 with A > 0 back up"

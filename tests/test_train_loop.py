@@ -11,7 +11,8 @@ from diffusers import StableDiffusionPipeline
 from parrot_pipeline.expansion import ExpanderConfig
 from parrot_pipeline.tiny import tiny_expander
 from train.config import load_config
-from train.parrot import Trainer
+from train.parrot import Trainer, lora_parameters
+from train.sampling import guided_noise, recompute_log_prob
 from train.sft import load_pairs, pair_loss, supervised_finetune
 
 import tests.reward_probes as probes
@@ -49,14 +50,15 @@ def always_nan(images, prompts, metadata):
     return torch.full((len(images),), math.nan)
 
 
-def recorded_gradients(trainer, trajectories, selected, advantages, monkeypatch):
+def recorded_gradients(trainer, trajectories, selection, monkeypatch):
     grads = {}
 
     def record(name):
         grads.update({n: p.grad.clone() for n, p in trainer.pipe.unet.named_parameters() if p.grad is not None})
 
     monkeypatch.setattr(trainer, "_optimizer_step", record)
-    trainer.t2i_loss_and_step(trajectories, selected, advantages)
+    trainer.rng.seed(0)  # the same minibatch order and timestep subsets each time
+    trainer.t2i_update(trajectories, selection)
     return grads
 
 
@@ -65,10 +67,11 @@ def test_one_iteration_trains_only_lora_and_only_from_the_front(tmp_path, monkey
     prompt = "a cat in the snow"
     trajectories, images = trainer.sample(trainer.branch_texts(prompt, prompt))
     rewards = torch.stack([-images.mean(dim=(1, 2, 3)), images.std(dim=(1, 2, 3))], dim=1)
-    selected, advantages = trainer.select(prompt, rewards)
+    selection = trainer.select_global(prompt, rewards)
+    selected = selection.front
     assert 0 < selected.sum() < len(selected), "the test needs samples on both sides of the front"
 
-    grads = recorded_gradients(trainer, trajectories, selected, advantages, monkeypatch)
+    grads = recorded_gradients(trainer, trajectories, selection, monkeypatch)
     assert grads and all("lora" in name for name in grads), "only LoRA parameters receive gradients"
     assert any(g.abs().max() > 0 for g in grads.values())
 
@@ -78,12 +81,12 @@ def test_one_iteration_trains_only_lora_and_only_from_the_front(tmp_path, monkey
     perturbed.latents[outside] = torch.randn_like(perturbed.latents[outside]) * 10
     perturbed.log_probs = perturbed.log_probs.clone()
     perturbed.log_probs[outside] = 123.0
-    again = recorded_gradients(trainer, perturbed, selected, advantages, monkeypatch)
+    again = recorded_gradients(trainer, perturbed, selection, monkeypatch)
     assert all(torch.equal(grads[name], again[name]) for name in grads), "a sample outside P has no effect"
 
     inside = selected.nonzero()[0, 0]
     perturbed.latents[inside] = perturbed.latents[inside] + 0.5
-    moved = recorded_gradients(trainer, perturbed, selected, advantages, monkeypatch)
+    moved = recorded_gradients(trainer, perturbed, selection, monkeypatch)
     assert any(not torch.equal(grads[name], moved[name]) for name in grads), "a sample in P does change it"
 
 
@@ -96,20 +99,30 @@ def test_iteration_updates_lora_weights_and_nothing_else(tmp_path):
     assert 0 < record["front_fraction"] <= 1 and record["nonfinite_samples"] == 0
 
 
-def test_kl_is_zero_with_a_fresh_lora_and_positive_after_a_step(tmp_path):
+def test_the_kl_is_the_distance_to_the_unet_without_its_lora(tmp_path):
+    """DPOK's KL against a separately loaded UNet that never had a LoRA: a reference that kept the adapter on
+    would give 0, one that lost the guidance or used other timesteps would give another number."""
     trainer = Trainer(small_config(tmp_path, "mode=dpok", "rewards=[jpeg_compressibility]", "kl_beta=0.1",
                                    "expander_model=null", "eval_expansion_guidance_scale=0.0"))  # fmt: skip
-    trajectories, _ = trainer.sample(["a cat"])
+    trajectories, _ = trainer.sample(["a cat", "a dog"])
+    trajectories = trajectories.select(torch.tensor([0, 4]))  # one of each prompt
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        from train.sampling import recompute_log_prob
-
-        _, noise = recompute_log_prob(trainer.pipe.unet, trainer.scheduler, trajectories, 1, guidance_scale=5.0, eta=1.0)
-        assert trainer.kl_to_pretrained(trajectories, 1, noise).abs().max() == 0
-    record = trainer.train_iteration()
-    assert record["kl"] == 0.0, "the first step's KL is measured before the update"
+        for name, parameter in lora_parameters(trainer.pipe.unet).items():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    steps = torch.tensor([0, 2])
     with torch.no_grad():
-        _, noise = recompute_log_prob(trainer.pipe.unet, trainer.scheduler, trajectories, 1, guidance_scale=5.0, eta=1.0)
-        assert (trainer.kl_to_pretrained(trajectories, 1, noise) > 0).all()
+        _, noise = recompute_log_prob(trainer.pipe.unet, trainer.scheduler, trajectories, steps, guidance_scale=5.0, eta=1.0)
+        kl = trainer.kl_to_pretrained(trajectories, steps, noise)
+        base = StableDiffusionPipeline.from_pretrained(trainer.base_model).unet
+        reference = torch.cat([
+            guided_noise(base, trainer.scheduler, trajectories.latents[i : i + 1, step], trajectories.timesteps[step],
+                         trajectories.prompt_embeds[i : i + 1], trajectories.negative_embeds[i : i + 1], 5.0)
+            for i, step in enumerate(steps.tolist())
+        ])  # fmt: skip
+    expected = ((noise - reference) ** 2).mean(dim=(1, 2, 3))
+    assert (expected > 0).all()
+    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-8)
 
 
 def test_supervised_stage_lowers_the_expander_loss():
@@ -178,7 +191,7 @@ def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
     import train.parrot as loop
 
     trainer = Trainer(small_config(tmp_path, "expander_model=null"))
-    monkeypatch.setattr(loop, "policy_loss", lambda log_prob, *rest: log_prob * math.inf)
+    monkeypatch.setattr(loop, "policy_loss", lambda log_prob, *rest, **options: log_prob * math.inf)
     before = {name: p.detach().clone() for name, p in trainer.pipe.unet.named_parameters()}
     record = trainer.train_iteration()
     assert record["skipped"] is True

@@ -33,6 +33,10 @@ RESUME_FIXED = ("mode", "pretrained_model", "expander_model", "rewards", "reward
                 "reward_weights", "lora_rank", "lora_alpha", "lora_targets", "expander_lora_rank", "train_unet",
                 "freeze_expander", "expander_sft_data", "mixed_precision", "seed")  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda")
+RENAMED = {  # keys of earlier releases, and what replaced them
+    "accumulate_timesteps": "timesteps always accumulate within a minibatch; `gradient_accumulation_steps` sets the "
+    "minibatches per optimiser step (null: all of them, one step per iteration, as `accumulate_timesteps: true` did)",
+}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class TrainConfig:
     # --- models ------------------------------------------------------------------------------------------------
     pretrained_model: str = "tiny"  # a diffusers folder or Hub id; "tiny": the embedded offline model
     expander_model: str | None = "tiny"  # causal LM folder or Hub id; "tiny"; null: no prompt expansion
+    expander_tokenizer: str | None = None  # its tokenizer (folder or Hub id) when its repository has none
     expander_template: str | None = None  # instruction with {prompt}; null: the paper's instruction
     expander_max_new_tokens: int = 77
 
@@ -78,9 +83,12 @@ class TrainConfig:
     weight_decay: float = 0.1
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = None  # gradient-norm clipping; null: off
-    train_batch_size: int = 8  # samples per gradient pass
-    timestep_fraction: float = 1.0  # train on a random fraction of each trajectory's timesteps
-    accumulate_timesteps: bool = True  # one optimiser step per batch after all timesteps (else one per timestep)
+    train_batch_size: int = 8  # samples per minibatch (per process): sampling chunks and gradient passes
+    # Optimiser steps per iteration: num_inner_epochs × ceil(minibatches / gradient_accumulation_steps), the
+    # minibatches being this process's selected samples in chunks of train_batch_size (logged as optimizer_steps).
+    gradient_accumulation_steps: int | None = None  # minibatches per optimiser step; null: all (one step per epoch)
+    num_inner_epochs: int = 1  # passes over each iteration's samples (PPO's epochs)
+    timestep_fraction: float = 1.0  # train on a random fraction of each trajectory's timesteps, drawn per sample
     advantage: str = "raw"  # raw (paper) | batch (normalise per reward over the batch) | per_prompt (DDPO)
     advantage_clip: float = 5.0  # for normalised advantages
     clip_range: float | None = None  # PPO ratio clipping; null: off
@@ -149,7 +157,10 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not (math.isfinite(value) and value > 0):
             _fail(name, value, "a finite number > 0")
-    for name in ("iterations", "images_per_prompt", "num_inference_steps", "train_batch_size", "lora_rank",
+    if config.gradient_accumulation_steps is not None and config.gradient_accumulation_steps < 1:
+        _fail("gradient_accumulation_steps", config.gradient_accumulation_steps,
+              "null (all minibatches of an epoch in one optimiser step) or an integer ≥ 1")  # fmt: skip
+    for name in ("iterations", "images_per_prompt", "num_inference_steps", "train_batch_size", "num_inner_epochs", "lora_rank",
                  "expander_lora_rank", "expander_max_new_tokens", "eval_images_per_prompt", "expander_sft_epochs",
                  "expander_sft_batch_size"):  # fmt: skip
         if getattr(config, name) < 1:
@@ -256,6 +267,8 @@ def build_config(values: dict, config_class=TrainConfig):
     """``config_class`` (a config dataclass) from a mapping, each value checked against its field's type."""
     hints = typing.get_type_hints(config_class)
     for key in values:
+        if key in RENAMED:
+            raise ValueError(f"Config key `{key}` is gone: {RENAMED[key]}.")
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             suggestion = f" Did you mean `{close[0]}`?" if close else ""

@@ -149,7 +149,8 @@ def model_card_sections(config, results: dict) -> str:
 
 {config.eval_images_per_prompt} images for each held-out prompt, base model (plain guidance, no LoRA) against the
 trained model (expansion, identifiers and original-prompt-centred guidance with
-`expansion_guidance_scale` = {config.eval_expansion_guidance_scale}).
+`expansion_guidance_scale` = {config.eval_expansion_guidance_scale}), both sampled with the trained sampler: DDIM,
+{config.num_inference_steps} steps, deterministic (eta 0).
 
 {evaluation_table(results, config.rewards)}
 """

@@ -2,13 +2,15 @@
 
 One iteration (METHODS §2): take one prompt ``c``; the expander samples ``ĉ``; for each reward k the identifier
 ``<reward k>`` is prepended (``ĉ_k``) and N trajectories are sampled; every image is scored by all K rewards (an
-N×K matrix per identifier); the non-dominated rows P_k of that matrix are kept; the UNet LoRA gets the policy
-gradient of the samples in P weighted by their own reward ``r_k`` and 1/|P|, and the expander the REINFORCE
-gradient of ``log p_φ(ĉ | c)`` weighted by the same rewards. Samples outside P never enter a gradient pass.
+N×K matrix per identifier); the non-dominated rows P_k of that matrix are kept. The UNet LoRA gets the policy
+gradient of the samples in P_k weighted by their own reward ``r_k`` and ``1/(K·|P_k|)`` (each identifier's front
+weighs the same), and the expander the REINFORCE gradient of ``log p_φ(ĉ | c)`` weighted by the sum of those
+rewards over every front. Samples outside the fronts never enter a gradient pass.
 
 ``dpok`` and ``ddpo`` score a weighted sum of the rewards on the original prompt (no expander, no identifiers);
 ``dpok`` adds β·KL to the pretrained UNet (the same UNet with the LoRA disabled), ``ddpo`` uses PPO clipping and
-per-prompt advantage normalisation.
+per-prompt advantage normalisation. All modes update on DDPO's schedule (``Trainer.t2i_update``): minibatches of
+``train_batch_size``, ``gradient_accumulation_steps`` of them per optimiser step, ``num_inner_epochs`` passes.
 
 Losses average over the trained timesteps of a trajectory (DDPO's convention); the paper's sum over timesteps
 differs by the constant factor T, absorbed in the learning rate.
@@ -28,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast, broadcast_object_list
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -40,6 +43,7 @@ from parrot_pipeline.bundle import default_reward_identifiers
 from parrot_pipeline.expansion import (
     DEFAULT_TEMPLATE,
     ExpanderConfig,
+    GeneratedExpansions,
     add_lora,
     compose_expanded_prompt,
     continuation_log_probs,
@@ -71,18 +75,31 @@ logger = logging.getLogger(__name__)
 
 
 def policy_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float | None
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float | None,
+    clamp_ratio: bool = False,
 ) -> torch.Tensor:
-    """Per-sample policy-gradient loss ``−A·ratio``; with ``clip_range``, PPO's pessimistic clipped form."""
+    """Per-sample policy-gradient loss ``−A·ratio``. With ``clip_range``: PPO's pessimistic clipped form, or with
+    ``clamp_ratio`` DPOK's ``−A·clamp(ratio, 1 ± clip_range)``, which stops the gradient on either side."""
     ratio = torch.exp(log_prob - old_log_prob)
-    loss = -advantages * ratio
     if clip_range is None:
-        return loss
-    return torch.maximum(loss, -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+        return -advantages * ratio
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    if clamp_ratio:
+        return -advantages * clipped
+    return torch.maximum(-advantages * ratio, -advantages * clipped)
 
 
 def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: parameter for name, parameter in module.named_parameters() if "lora_" in name}
+
+
+def tensors_to(expansions: GeneratedExpansions, device) -> GeneratedExpansions:
+    moved = {f.name: getattr(expansions, f.name).to(device) for f in dataclasses.fields(expansions)
+             if isinstance(getattr(expansions, f.name), torch.Tensor)}  # fmt: skip
+    return dataclasses.replace(expansions, **moved)
 
 
 def make_advantages(rewards: torch.Tensor, mode: str, clip: float, tracker: PerPromptStatTracker, key: str):
@@ -96,13 +113,23 @@ def make_advantages(rewards: torch.Tensor, mode: str, clip: float, tracker: PerP
 
 @dataclasses.dataclass
 class Selection:
-    """Pareto (or weighted-sum) selection over the global batch, and this process's share of it."""
+    """Pareto (or weighted-sum) selection over the global batch. The per-sample tensors are ``[processes, rows]``:
+    row ``j`` of process ``r`` is that process's local sample ``j``, and every process holds all of them."""
 
     rewards: torch.Tensor  # [groups·N, K], all processes' samples, group-major
-    selected: torch.Tensor  # [groups·N] bool, same order
-    local_selected: torch.Tensor  # this process's rows
-    local_advantages: torch.Tensor
-    front_sizes: torch.Tensor  # [processes]: selected rows on each process
+    front: torch.Tensor  # [groups·N] bool, group-major: the selected samples
+    selected: torch.Tensor  # [processes, rows] bool
+    advantages: torch.Tensor  # [processes, rows]
+    weights: torch.Tensor  # [processes, rows]: each sample's share of the objective (sums to 1; 0 outside)
+
+
+def selection_weights(selected: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each selected sample's share of the objective, group by group (``selected`` is group-major, ``groups`` equal
+    groups): ``1 / (groups · |P_k|)`` in group k's front ``P_k``, so each group weighs ``1/groups`` whatever the size of
+    its front (METHODS §2 takes each identifier's front ``P_k`` in its own step of the loop over rewards)."""
+    per_group = selected.view(groups, -1).float()
+    sizes = per_group.sum(dim=1, keepdim=True)
+    return (per_group / (groups * sizes.clamp(min=1))).flatten()
 
 
 class Trainer(TrainingRun):
@@ -153,7 +180,10 @@ class Trainer(TrainingRun):
         if not config.train_unet:
             for parameter in self.unet_parameters:
                 parameter.requires_grad_(False)
+        # The sampler being trained is DDIM with the run's steps; the pipeline samples with it too, so the sample
+        # grids and the held-out table measure it (deterministically, eta 0), not the base repository's scheduler.
         self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = self.scheduler
         self.identifiers = config.reward_identifiers or default_reward_identifiers(len(config.rewards))
         self.weights = torch.tensor(config.reward_weights or [1.0 / len(config.rewards)] * len(config.rewards))
         self.tracker = PerPromptStatTracker()
@@ -218,7 +248,7 @@ class Trainer(TrainingRun):
         if not config.uses_expander:
             return
         source = str(default_tiny_expander()) if config.expander_model == "tiny" else config.expander_model
-        model, tokenizer = load_expander(source)
+        model, tokenizer = load_expander(source, tokenizer=config.expander_tokenizer)
         self.expander_config = ExpanderConfig(
             base_model=source,
             template=config.expander_template or DEFAULT_TEMPLATE,
@@ -232,11 +262,18 @@ class Trainer(TrainingRun):
             model.load_state_dict(load_file(path, device=str(self.device)))
             self.expander_fine_tuned = True
         elif self.sft_pairs:
-            self.sft_losses = supervised_finetune(
-                model, tokenizer, self.sft_pairs, self.expander_config,
-                epochs=config.expander_sft_epochs, learning_rate=config.expander_sft_learning_rate,
-                batch_size=config.expander_sft_batch_size, seed=config.seed,
-            )  # fmt: skip
+            # Once, on the main process, then sent to the others: every process expands with the same weights even
+            # where their arithmetic differs. Its dropout draws from a forked RNG, so the processes' RNGs stay alike.
+            if self.accelerator.is_main_process:
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    self.sft_losses = supervised_finetune(
+                        model, tokenizer, self.sft_pairs, self.expander_config,
+                        epochs=config.expander_sft_epochs, learning_rate=config.expander_sft_learning_rate,
+                        batch_size=config.expander_sft_batch_size, seed=config.seed,
+                    )  # fmt: skip
+            if self.num_processes > 1:
+                for value in model.state_dict().values():
+                    self._collective("sending the fine-tuned expander", broadcast, value, 0)
             self._sft_weights = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
             self.expander_fine_tuned = True
         model.requires_grad_(False)
@@ -313,30 +350,34 @@ class Trainer(TrainingRun):
         trajectories, images = self.sample(texts, on_chunk=score)
         return trajectories, images, torch.cat([future.result() for future in scored])
 
-    def select(self, prompt: str, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which samples train, and their advantages. ``rewards`` is the global ``[groups·N, K]``, group-major."""
+    def select(self, prompt: str, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Which samples train, their advantages and weights. ``rewards`` is the global ``[groups·N, K]``,
+        group-major. Parrot mode: each identifier's group keeps its own non-dominated samples, advantaged by that
+        identifier's reward; the other modes: every finite sample, advantaged by the weighted sum."""
         config = self.config
         n = config.images_per_prompt
         if config.mode == "parrot":
+            groups = len(self.identifiers)
             selected = torch.zeros(len(rewards), dtype=torch.bool)
             advantages = torch.zeros(len(rewards))
-            for k in range(len(self.identifiers)):
+            for k in range(groups):
                 group = slice(k * n, (k + 1) * n)
                 selected[group] = non_dominated_mask(rewards[group])
                 advantages[group] = make_advantages(
                     rewards[group, k], config.advantage, config.advantage_clip, self.tracker, f"{prompt}\x00{k}"
                 )
         else:
+            groups = 1
             combined = rewards @ self.weights
             selected = torch.isfinite(combined)
             advantages = make_advantages(combined, config.advantage, config.advantage_clip, self.tracker, prompt)
         advantages = torch.where(selected, advantages, torch.zeros_like(advantages))
-        return selected, advantages
+        return selected, advantages, selection_weights(selected, groups)
 
     def select_global(self, prompt: str, local_rewards: torch.Tensor) -> Selection:
-        """Gather every process's rewards, select over the whole batch (the same result on every process), and
-        take this process's rows back. Rows are ``[group, sample]`` locally and ``[process, group, sample]``
-        gathered; selection wants each group's samples of all processes together."""
+        """Gather every process's rewards and select over the whole batch (the same result on every process). Rows
+        are ``[group, sample]`` locally and ``[process, group, sample]`` gathered; selection wants each group's
+        samples of all processes together."""
         world, rows = self.num_processes, len(local_rewards)
         groups = rows // self.local_images
         gathered = self._collective(
@@ -346,92 +387,112 @@ class Trainer(TrainingRun):
         def group_major(tensor):
             return tensor.view(world, groups, self.local_images, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
 
-        def process_major(tensor):
-            return tensor.view(groups, world, self.local_images, *tensor.shape[1:]).transpose(0, 1).flatten(0, 2)
+        def by_process(tensor):
+            return tensor.view(groups, world, self.local_images).transpose(0, 1).reshape(world, rows)
 
         rewards = group_major(gathered)
-        selected, advantages = self.select(prompt, rewards)
-        mine = slice(self.rank * rows, (self.rank + 1) * rows)
-        by_process = process_major(selected)
-        return Selection(
-            rewards=rewards,
-            selected=selected,
-            local_selected=by_process[mine],
-            local_advantages=process_major(advantages)[mine],
-            front_sizes=by_process.view(world, rows).sum(dim=1),
-        )
+        selected, advantages, weights = self.select(prompt, rewards)
+        return Selection(rewards, selected, by_process(selected), by_process(advantages), by_process(weights))
 
-    def t2i_loss_and_step(self, trajectories, selected: torch.Tensor, advantages: torch.Tensor,
-                          front_sizes: torch.Tensor | None = None) -> dict:  # fmt: skip
-        """Policy-gradient passes over this process's selected samples only; the loss is normalised by the size of
-        the global front, so gradients summed over processes are the global loss's. Returns loss statistics."""
+    def t2i_update(self, trajectories: Trajectories, selection: Selection) -> dict:
+        """Policy-gradient passes over this process's selected samples, on DDPO's schedule.
+
+        Each of ``num_inner_epochs`` epochs shuffles every process's selected samples into minibatches of
+        ``train_batch_size``; a minibatch accumulates its gradient over its trained timesteps (a random subset of
+        ``timestep_fraction`` per sample); an optimiser step follows every ``gradient_accumulation_steps``
+        minibatches (null: one step per epoch, the paper's one step per batch). After the first step the
+        recomputed log-probs leave the sampling ones, and ``clip_range`` bounds the update.
+
+        A step's loss is ``Σ w_i·ℓ_i / Σ w_i`` over the samples it holds on every process (``w``: the selection's
+        weights, ``ℓ_i``: the mean over its timesteps), so one step per epoch follows exactly the objective and a
+        minibatch step its share, at the same scale. The shuffles come from the run's shared RNG, so every process
+        knows every step's samples; each takes as many steps as the process with the most minibatches (one out of
+        samples adds zero gradient to the all-reduce).
+        """
         config = self.config
-        front = selected.nonzero().squeeze(1)
-        front_sizes = front_sizes if front_sizes is not None else torch.tensor([len(front)])
-        total = int(front_sizes.sum())
+        world, rows = selection.selected.shape
         num_steps = trajectories.log_probs.shape[1]
-        steps = sorted(self.rng.sample(range(num_steps), max(1, round(config.timestep_fraction * num_steps))))
-        self.optimizers["unet"].zero_grad(set_to_none=True)
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped samples, trained samples
-        stepped = []
-        # Every process runs as many chunks as the one with the largest front, so optimiser steps (and their
-        # gradient all-reduce) line up; a process out of samples contributes zero gradients.
-        for chunk in range(math.ceil(int(front_sizes.max()) / config.train_batch_size)):
-            index = front[chunk * config.train_batch_size : (chunk + 1) * config.train_batch_size]
-            batch = trajectories.select(index.to(trajectories.latents.device)) if len(index) else None
-            for step in steps:
-                if batch is not None:
-                    totals += self._policy_gradient(batch, advantages[index].to(self.device), step, total * len(steps))
-                if not config.accumulate_timesteps:
-                    stepped.append(self._optimizer_step("unet"))
-        if config.accumulate_timesteps:
-            stepped.append(self._optimizer_step("unet"))
+        trained_steps = max(1, round(config.timestep_fraction * num_steps))
+        size = config.train_batch_size
+        fronts = [selection.selected[r].nonzero().squeeze(1) for r in range(world)]
+        num_minibatches = max(math.ceil(len(front) / size) for front in fronts)
+        per_step = config.gradient_accumulation_steps or num_minibatches
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped (sample, timestep) pairs, all pairs
+        ratio_deviation, stepped = [], []
+        for _ in range(config.num_inner_epochs):
+            shuffler = torch.Generator().manual_seed(self.rng.randrange(2**63))
+            timestep_subsets = torch.rand(world, rows, num_steps, generator=shuffler).argsort(dim=2)[..., :trained_steps]
+            orders = [front[torch.randperm(len(front), generator=shuffler)] for front in fronts]
+            minibatches = [[order[m * size : (m + 1) * size] for order in orders] for m in range(num_minibatches)]
+            for first in range(0, num_minibatches, per_step):
+                step_minibatches = minibatches[first : first + per_step]
+                step_weight = sum(selection.weights[r, mb[r]].sum() for mb in step_minibatches for r in range(world))
+                self.optimizers["unet"].zero_grad(set_to_none=True)
+                for minibatch in step_minibatches:
+                    index = minibatch[self.rank]
+                    if len(index) == 0:
+                        continue
+                    batch = trajectories.select(index.to(trajectories.latents.device))
+                    scale = (selection.weights[self.rank, index] / (step_weight * trained_steps)).to(self.device)
+                    advantages = selection.advantages[self.rank, index].to(self.device)
+                    deviation = 0.0
+                    for position in range(trained_steps):
+                        steps = timestep_subsets[self.rank, index, position].to(trajectories.latents.device)
+                        partial, ratio = self._policy_gradient(batch, advantages, scale, steps)
+                        totals += partial
+                        deviation = max(deviation, (ratio - 1).abs().max().item())
+                    ratio_deviation.append(deviation)
+                stepped.append(self._optimizer_step("unet"))
         if self.num_processes > 1:
             totals = self._collective("summing loss statistics", self.accelerator.reduce, totals.to(self.device), "sum").cpu()
-        loss, kl, clipped, count = totals.tolist()
-        return {"loss": loss, "kl": kl / max(count, 1), "clipped_fraction": clipped / max(count, 1),
-                "skipped": not all(stepped)}  # fmt: skip
+        loss, kl, clipped, pairs = totals.tolist()
+        return {"loss": loss / len(stepped), "kl": kl / max(pairs, 1), "clipped_fraction": clipped / max(pairs, 1),
+                "optimizer_steps": len(stepped), "skipped": not all(stepped),
+                "ratio_deviation": ratio_deviation}  # fmt: skip
 
-    def _policy_gradient(self, batch, advantages: torch.Tensor, step: int, normaliser: int) -> torch.Tensor:
-        """Backward of one timestep of a batch; returns its (loss, kl sum, clipped count, samples)."""
+    def _policy_gradient(self, batch: Trajectories, advantages: torch.Tensor, scale: torch.Tensor, steps: torch.Tensor):
+        """Backward of one stored step per sample (``steps``), each sample's loss weighted by ``scale``. Returns the
+        (loss, kl sum, clipped count, samples) it adds and the PPO ratios."""
         config = self.config
         with self.accelerator.autocast():
             log_prob, noise = recompute_log_prob(
-                self.pipe.unet, self.scheduler, batch, step, guidance_scale=config.guidance_scale, eta=config.eta
+                self.pipe.unet, self.scheduler, batch, steps, guidance_scale=config.guidance_scale, eta=config.eta
             )
+            old_log_prob = batch.log_probs.gather(1, steps[:, None]).squeeze(1)
             loss_per_sample = config.reward_scale * policy_loss(
-                log_prob, batch.log_probs[:, step], advantages, config.clip_range
+                log_prob, old_log_prob, advantages, config.clip_range, clamp_ratio=config.mode == "dpok"
             )
             kl_sum = 0.0
             if config.kl_beta > 0:
-                kl = self.kl_to_pretrained(batch, step, noise)
+                kl = self.kl_to_pretrained(batch, steps, noise)
                 loss_per_sample = loss_per_sample + config.kl_beta * kl
                 kl_sum = kl.sum().item()
-        loss = loss_per_sample.sum() / normaliser
+        loss = (loss_per_sample * scale).sum()
         self.accelerator.backward(loss)
-        clipped = 0.0
-        if config.clip_range is not None:
-            ratio = torch.exp(log_prob.detach() - batch.log_probs[:, step])
-            clipped = ((ratio - 1).abs() > config.clip_range).float().sum().item()
-        return torch.tensor([loss.item(), kl_sum, clipped, len(advantages)], dtype=torch.float64)
+        ratio = torch.exp(log_prob.detach() - old_log_prob)
+        clipped = ((ratio - 1).abs() > config.clip_range).float().sum().item() if config.clip_range is not None else 0.0
+        return torch.tensor([loss.item(), kl_sum, clipped, len(advantages)], dtype=torch.float64), ratio
 
-    def kl_to_pretrained(self, batch, step: int, noise: torch.Tensor) -> torch.Tensor:
+    def kl_to_pretrained(self, batch: Trajectories, steps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """DPOK's per-step KL term: squared distance of the guided predictions of the policy and the pretrained UNet
         (the two Gaussians share their variance, so the KL is proportional to it)."""
+        rows = torch.arange(len(steps), device=steps.device)
         with torch.no_grad(), adapters_disabled(self.pipe.unet):
             reference = guided_noise(
-                self.pipe.unet, self.scheduler, batch.latents[:, step], batch.timesteps[step],
+                self.pipe.unet, self.scheduler, batch.latents[rows, steps], batch.timesteps.to(steps.device)[steps],
                 batch.prompt_embeds, batch.negative_embeds, self.config.guidance_scale,
             )  # fmt: skip
         return ((noise.float() - reference.float()) ** 2).mean(dim=tuple(range(1, noise.ndim)))
 
     def expander_loss_and_step(self, expansions, selection: Selection) -> float:
-        """REINFORCE on the expansion: ``−(Σ_{i∈P} A_i / |P|) · log p_φ(ĉ | c)``; each process weighs by its own
-        rows of P, so the summed gradients are the global loss's."""
-        weight = selection.local_advantages[selection.local_selected].sum() / selection.front_sizes.sum()
+        """REINFORCE on the expansion (METHODS §2, step 5): ``−(Σ_{j∈P} A_j) · log p_φ(ĉ | c)``, summed over every
+        identifier's front as the formula has it; each process weighs by its own rows, so the summed gradients are
+        the global loss's."""
+        weight = selection.advantages[self.rank][selection.selected[self.rank]].sum()
         log_prob = continuation_log_probs(
-            self.expander, expansions.input_ids, expansions.attention_mask, expansions.new_tokens, expansions.new_mask
-        )
+            self.expander, expansions.input_ids, expansions.attention_mask, expansions.new_tokens, expansions.new_mask,
+            expansions.support, self.expander_config.temperature,
+        )  # fmt: skip
         loss = -(weight.to(log_prob.device) * log_prob).sum()
         self.optimizers["expander"].zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -439,21 +500,33 @@ class Trainer(TrainingRun):
         loss = self._collective("summing the expander loss", self.accelerator.reduce, loss.detach(), "sum")
         return loss.item() if stepped else float("nan")
 
+    def expand(self, prompt: str) -> GeneratedExpansions:
+        """This iteration's ``ĉ`` with what its REINFORCE term needs, generated on the main process and sent to the
+        others, so every process trains on the same text even where their arithmetic differs (GPUs)."""
+        seed = self.rng.randrange(2**31)
+        expansions = None
+        if self.accelerator.is_main_process:
+            expansions = generate_expansions(self.expander, self.expander_tokenizer, [prompt], self.expander_config,
+                                             seed=seed, record_support=True)  # fmt: skip
+        if self.num_processes == 1:
+            return expansions
+        sent = [expansions and tensors_to(expansions, "cpu")]  # pickled: a CUDA tensor would come back on GPU 0
+        self._collective("sending the expansion", broadcast_object_list, sent)
+        return tensors_to(sent[0], self.device)
+
     def train_iteration(self) -> dict:
         config = self.config
         started = time.perf_counter()
         prompt = self.rng.choice(self.prompts)
         expansions = None
         if self.expander is not None:
-            expansions = generate_expansions(
-                self.expander, self.expander_tokenizer, [prompt], self.expander_config, seed=self.rng.randrange(2**31)
-            )
+            expansions = self.expand(prompt)
             expansion = expansions.texts[0]
         else:
             expansion = prompt
         trajectories, _, local_rewards = self.sample_and_score(prompt, self.branch_texts(prompt, expansion))
         selection = self.select_global(prompt, local_rewards)
-        rewards, selected = selection.rewards, selection.selected
+        rewards, selected = selection.rewards, selection.front
 
         record = {"iteration": self.iteration, "prompt": prompt, "expanded_prompt": expansion}
         finite_rows = torch.isfinite(rewards).all(dim=1)
@@ -464,10 +537,9 @@ class Trainer(TrainingRun):
         record["nonfinite_samples"] = int((~finite_rows).sum())
         if selected.any():
             if config.train_unet:
-                stats = self.t2i_loss_and_step(
-                    trajectories, selection.local_selected, selection.local_advantages, selection.front_sizes
-                )
-                record.update({"loss/t2i": stats["loss"], "kl": stats["kl"], "skipped": stats["skipped"]})
+                stats = self.t2i_update(trajectories, selection)
+                record.update({"loss/t2i": stats["loss"], "kl": stats["kl"], "skipped": stats["skipped"],
+                               "optimizer_steps": stats["optimizer_steps"]})  # fmt: skip
                 if config.clip_range is not None:
                     record["clipped_fraction"] = stats["clipped_fraction"]
             if "expander" in self.optimizers:
@@ -618,6 +690,7 @@ class Trainer(TrainingRun):
             plot_pareto(self.reward_batches, config.rewards, self.output_dir / "plots" / "pareto.png")
             (self.output_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
             print(evaluation_table(results, config.rewards))
+            print(f"(held-out prompts, sampled with the trained sampler: DDIM, {config.num_inference_steps} steps, eta 0)")
             print(f"bundle: {bundle}")
             if config.push_to_hub:
                 results["hub"] = self.push(bundle)

@@ -1,8 +1,8 @@
 """Diffusion sampling as a policy: DDIM trajectories with per-step log-probabilities, and their recomputation.
 
-Each DDIM step with ``eta > 0`` is a Gaussian ``x_{t-1} ~ N(μ_θ(x_t, t, c), σ_t² I)``; its mean comes from diffusers'
-own ``DDIMScheduler.step`` (so epsilon and v-prediction, clipping and thresholding behave exactly as at inference)
-and ``σ_t = eta · sqrt(posterior variance)``. The log-probability is the Gaussian log-density **averaged over the
+Each DDIM step with ``eta > 0`` is a Gaussian ``x_{t-1} ~ N(μ_θ(x_t, t, c), σ_t² I)``; its mean is the arithmetic
+of diffusers' ``DDIMScheduler.step`` batched over per-sample timesteps (tested equal to it), and
+``σ_t = eta · sqrt(posterior variance)``. The log-probability is the Gaussian log-density **averaged over the
 latent elements** (as in the DDPO reference code, which is why PPO clip ranges are small, ~1e-4); sampling and
 training use this same function, always in float32. Guidance is part of the policy: the mean is computed from the
 classifier-free-guided prediction on the (identifier-prefixed, expanded) prompt, with the project's one guidance
@@ -24,30 +24,61 @@ from parrot_pipeline import ParrotPipeline, parrot_guidance
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def ddim_std(scheduler: DDIMScheduler, timestep: int, eta: float) -> torch.Tensor:
-    """σ_t of the DDIM step from ``timestep``: ``eta`` times the square root of the DDIM posterior variance."""
-    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha_prod_t = scheduler.alphas_cumprod[timestep]
-    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+def ddim_step_mean(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the DDIM step from ``timesteps`` (one per sample, ``[N]``), in float32.
+
+    The arithmetic of diffusers' ``DDIMScheduler.step`` as pipelines call it (epsilon, v-prediction and sample
+    prediction, ``clip_sample``), batched over per-sample timesteps, which DDPO's per-sample timestep subsets need
+    and ``step`` (one timestep per call) does not take. ``σ_t = eta · sqrt(posterior variance)``.
+    """
+    config = scheduler.config
+    if config.thresholding:
+        raise ValueError("The DDIM policy does not support the scheduler's `thresholding`; turn it off in its config.")
+    model_output, sample = model_output.float(), sample.float()
+    timesteps = timesteps.to(sample.device).long()
+    prev_timesteps = timesteps - config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device)
+    shape = (-1,) + (1,) * (sample.ndim - 1)
+    alpha_prod_t = alphas_cumprod[timesteps].view(shape)
+    alpha_prod_t_prev = torch.where(
+        prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], scheduler.final_alpha_cumprod.to(sample.device)
+    ).view(shape)
+    beta_prod_t = 1 - alpha_prod_t
+    if config.prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        pred_epsilon = model_output
+    elif config.prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
+    elif config.prediction_type == "v_prediction":
+        pred_original_sample = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+        pred_epsilon = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    else:
+        raise ValueError(f"DDIM `prediction_type` {config.prediction_type!r} is not epsilon, sample or v_prediction.")
+    if config.clip_sample:
+        pred_original_sample = pred_original_sample.clamp(-config.clip_sample_range, config.clip_sample_range)
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    return eta * variance.float().sqrt()
+    std = eta * variance**0.5
+    mean = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev - std**2) ** 0.5 * pred_epsilon
+    return mean, std.flatten()
 
 
 def ddim_step_with_log_prob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
-    timestep: int,
+    timesteps: torch.Tensor,
     sample: torch.Tensor,
     eta: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take (or, given ``prev_sample``, score) one DDIM step. Returns ``(prev_sample, log_prob [N])`` in float32."""
-    model_output, sample = model_output.float(), sample.float()
-    mean = scheduler.step(
-        model_output, timestep, sample, eta=eta, variance_noise=torch.zeros_like(sample), return_dict=False
-    )[0]
-    std = ddim_std(scheduler, timestep, eta).to(sample.device)
+    """Take (or, given ``prev_sample``, score) one DDIM step from ``timesteps`` (``[N]``, or one for all).
+    Returns ``(prev_sample, log_prob [N])`` in float32."""
+    timesteps = torch.as_tensor(timesteps, device=sample.device).expand(len(sample))
+    mean, std = ddim_step_mean(scheduler, model_output, timesteps, sample, eta)
+    std = std.view((-1,) + (1,) * (sample.ndim - 1))
     if prev_sample is None:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = mean + std * noise
@@ -59,18 +90,22 @@ def guided_noise(
     unet: UNet2DConditionModel,
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
-    timestep: torch.Tensor,
+    timesteps: torch.Tensor,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free-guided UNet prediction, both branches in one batched call.
+    """Classifier-free-guided UNet prediction at ``timesteps`` (``[N]``, or one for all), both branches in one
+    batched call.
 
     The input takes the embeddings' dtype, the UNet's as in diffusers' pipelines (diffusers' ``unet.dtype`` walks
-    every module, a cost that shows on small models).
+    every module, a cost that shows on small models). DDIM's ``scale_model_input`` is the identity.
     """
-    model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep).to(prompt_embeds.dtype)
-    output = unet(model_input, timestep, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    timesteps = torch.as_tensor(timesteps, device=latents.device).expand(len(latents))
+    model_input = torch.cat([latents, latents]).to(prompt_embeds.dtype)
+    output = unet(
+        model_input, torch.cat([timesteps, timesteps]), encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])
+    ).sample
     uncond, cond = output.chunk(2)
     return parrot_guidance(uncond, cond, None, guidance_scale, 0.0)
 
@@ -151,27 +186,25 @@ def recompute_log_prob(
     unet: UNet2DConditionModel,
     scheduler: DDIMScheduler,
     trajectories: Trajectories,
-    step: int,
+    steps: torch.Tensor,
     *,
     guidance_scale: float,
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of the stored step ``step`` (x_t → x_{t-1}) under the current ``unet``, with gradients.
+    """Log-prob of each trajectory's stored step ``steps[i]`` (x_t → x_{t-1}; ``[N]``, or one for all) under the
+    current ``unet``, with gradients.
 
     Returns ``(log_prob [N], guided noise prediction)``; the prediction feeds DPOK's KL term.
     """
-    timestep = trajectories.timesteps[step]
+    rows = torch.arange(len(trajectories.latents), device=trajectories.latents.device)
+    steps = torch.as_tensor(steps, device=rows.device).expand(len(rows))
+    latents = trajectories.latents[rows, steps]
+    timesteps = trajectories.timesteps.to(rows.device)[steps]
     noise = guided_noise(
-        unet,
-        scheduler,
-        trajectories.latents[:, step],
-        timestep,
-        trajectories.prompt_embeds,
-        trajectories.negative_embeds,
-        guidance_scale,
+        unet, scheduler, latents, timesteps, trajectories.prompt_embeds, trajectories.negative_embeds, guidance_scale
     )
     _, log_prob = ddim_step_with_log_prob(
-        scheduler, noise, timestep, trajectories.latents[:, step], eta, prev_sample=trajectories.latents[:, step + 1]
+        scheduler, noise, timesteps, latents, eta, prev_sample=trajectories.latents[rows, steps + 1]
     )
     return log_prob, noise
 
