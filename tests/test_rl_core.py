@@ -182,3 +182,10 @@ def test_evaluation_samples_with_the_trained_ddim_sampler_whatever_the_repositor
                          generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], output_type="pt").images
     assert isinstance(trainer.pipe.scheduler, DDIMScheduler)
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+
+
+def test_evaluation_can_carry_a_subset_of_the_identifiers(tmp_path):
+    trainer = Trainer(config(tmp_path, "eval_images_per_prompt=1"))  # parrot mode, two identifiers, no expander
+    _, all_texts = trainer.generate(["a red fox"], trained=True, seed=0)
+    _, second_only = trainer.generate(["a red fox"], trained=True, seed=0, identifiers=[1])
+    assert all_texts == ["<reward 1>, <reward 2>, a red fox"] and second_only == ["<reward 2>, a red fox"]

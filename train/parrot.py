@@ -581,9 +581,12 @@ class Trainer(TrainingRun):
         return self.expander
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], trained: bool, seed: int) -> tuple[torch.Tensor, list[str]]:
+    def generate(
+        self, prompts: list[str], trained: bool, seed: int, identifiers: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
         """Images of the trained model (expansion, identifiers, original-prompt-centred guidance) or of the base
-        model (plain CFG, LoRA off) through ParrotPipeline, float ``[N, 3, H, W]`` in [0, 1]."""
+        model (plain CFG, LoRA off) through ParrotPipeline, float ``[N, 3, H, W]`` in [0, 1]. ``identifiers``: the
+        rewards whose identifiers the trained model's ``ĉ`` carries (indices; default all)."""
         config = self.config
         pipe = self.pipe
         pipe.register_modules(expander=self.expander if trained else None, expander_tokenizer=self.expander_tokenizer)
@@ -599,7 +602,7 @@ class Trainer(TrainingRun):
         for start in range(0, len(repeated), config.train_batch_size):
             chunk = slice(start, start + config.train_batch_size)
             if trained:
-                out = pipe(repeated[chunk], generator=generators[chunk],
+                out = pipe(repeated[chunk], generator=generators[chunk], reward_identifiers=identifiers,
                            expansion_guidance_scale=pipe.parrot_config.expansion_guidance_scale, **kwargs)  # fmt: skip
             else:
                 with adapters_disabled(pipe.unet):
@@ -609,11 +612,11 @@ class Trainer(TrainingRun):
         pipe.register_modules(expander=None, expander_tokenizer=None)
         return torch.cat(images), texts
 
-    def eval_rewards(self, trained: bool) -> torch.Tensor:
+    def eval_rewards(self, trained: bool, identifiers: list[int] | None = None) -> torch.Tensor:
         """Reward matrix ``[prompts × eval_images_per_prompt, K]`` of the held-out prompts, fixed seeds."""
-        images, texts = self.generate(self.eval_prompts, trained=trained, seed=10_000)
+        images, texts = self.generate(self.eval_prompts, trained=trained, seed=10_000, identifiers=identifiers)
         prompts = [p for p in self.eval_prompts for _ in range(self.config.eval_images_per_prompt)]
-        label = "trained" if trained else "base"
+        label = ("trained" if trained else "base") + ("" if identifiers is None else f"_ids{'-'.join(map(str, identifiers))}")
         save_grid(images, self.output_dir / "samples" / f"eval_{label}.png", columns=self.config.eval_images_per_prompt)
         return score_images(self.reward_fns, images, prompts, {"original_prompts": prompts, "expanded_prompts": texts})
 
