@@ -45,6 +45,7 @@ The exit code is 0 whatever the outcome: this is a report, not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -89,32 +90,36 @@ def timed(function) -> tuple[float, float]:
     return end[0] - start[0], end[1] - start[1]
 
 
-def bare_work(unet, vae, model: str):
+def bare_work(unet, vae, model: str, batch: int = BATCH, steps: int = STEPS, autocast=contextlib.nullcontext):
     """``floor(groups, front)``: the bare passes of one iteration on ``unet`` (with its LoRA) and ``vae``, in plain
-    torch: for each of ``groups`` batches, the CFG UNet forward passes of sampling and the VAE decode; then the
-    forward + backward passes of training at every timestep over ``front`` samples, in batches as the trainers take
-    them. Fixed random inputs: the cost of these passes does not depend on the values."""
+    torch: for each of ``groups`` batches of ``batch``, the CFG UNet forward passes of ``steps`` sampling steps and
+    the VAE decode; then the forward + backward passes of training at every timestep over ``front`` samples, in
+    batches as the trainers take them, under ``autocast`` (the trainer's mixed precision). Fixed random inputs on the
+    UNet's device and in its dtype: the cost of these passes does not depend on the values."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler")
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(steps)
+    device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(0)
     size = unet.config.sample_size
-    latents = torch.randn(BATCH, unet.config.in_channels, size, size, generator=generator)
-    embeds = torch.randn(2 * BATCH, 77, unet.config.cross_attention_dim, generator=generator)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=generator).to(device, dtype)
+    embeds = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
 
     def floor(groups: int, front: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for _ in range(groups):
                 for timestep in scheduler.timesteps:
                     unet(torch.cat([latents, latents]), timestep, encoder_hidden_states=embeds)
-                vae.decode(latents / vae.config.scaling_factor)
-        for start in range(0, front, BATCH):
-            n = min(BATCH, front - start)
-            conditioning = torch.cat([embeds[:n], embeds[BATCH : BATCH + n]])
-            batch = torch.cat([latents[:n], latents[:n]])
+                vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor)
+        for start in range(0, front, batch):
+            n = min(batch, front - start)
+            conditioning = torch.cat([embeds[:n], embeds[batch : batch + n]])
+            inputs = torch.cat([latents[:n], latents[:n]])
             for timestep in scheduler.timesteps:
-                unet(batch, timestep, encoder_hidden_states=conditioning).sample.mean().backward()
+                with autocast():
+                    output = unet(inputs, timestep, encoder_hidden_states=conditioning).sample
+                output.float().mean().backward()
         unet.zero_grad(set_to_none=True)
 
     return floor

@@ -174,6 +174,57 @@ def tiny_pipeline_components(
     }
 
 
+def sd15_components(dtype: torch.dtype = torch.float32) -> dict:
+    """Stable Diffusion 1.5's exact UNet, VAE and text encoder (CLIP ViT-L/14) configurations with random weights,
+    in ``dtype``, and a DDIM scheduler: the full-size model's cost (benchmarks on a GPU) and its checkpoint layout
+    (ComfyUI's model detection), without its weights. The tokenizer is the tiny one: only prompt text goes through it.
+    """
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    return {
+        "vae": vae.to(dtype),
+        "text_encoder": text_encoder.to(dtype),
+        "tokenizer": tiny_clip_tokenizer(),
+        "unet": unet.to(dtype),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
 def tiny_expander(seed: int = 0) -> tuple[GPT2LMHeadModel, GPT2Tokenizer]:
     """A GPT-2-shaped causal LM (2 layers, width 64) and its tokenizer, randomly initialised."""
     tokenizer = tiny_gpt2_tokenizer()

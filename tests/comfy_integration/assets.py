@@ -12,13 +12,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from parrot_pipeline import ParrotPipeline
-from parrot_pipeline.tiny import _build_once, save_tiny_expander, tiny_clip_tokenizer
+from parrot_pipeline.tiny import _build_once, save_tiny_expander, sd15_components
 
 from ..helpers import add_expander_lora, randomize_lora
 
@@ -33,51 +31,8 @@ def cache_root() -> Path:
 
 
 def sd15_pipeline() -> ParrotPipeline:
-    """SD 1.5's UNet, VAE and text encoder (CLIP ViT-L/14) with random weights, in float16."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
-    return ParrotPipeline(
-        vae=vae.half(),
-        text_encoder=text_encoder.half(),
-        tokenizer=tiny_clip_tokenizer(),  # ComfyUI brings its own SD 1.x tokenizer; this one only fills the slot
-        unet=unet.half(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """SD 1.5's UNet, VAE and text encoder with random weights, in float16."""
+    return ParrotPipeline(**sd15_components(torch.float16))
 
 
 def tiny_expander_base() -> Path:
