@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download into .whl/ (ignored by git through .git/info/exclude) the wheels bench/gpu_check.sh installs on the GPU
 # machine, whose image (Python 3.12) has torch, accelerate, safetensors, huggingface_hub, timm and tensorboard but
-# not diffusers or open_clip, and older transformers and peft than this project tests. Run here, where pip reaches
+# not diffusers or open_clip, and older transformers, peft and regex than this project tests. Run here, where pip reaches
 # the registry; then carry .whl in the device run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +14,5 @@ done
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl \
     diffusers==0.42.1 transformers==5.24.0 tokenizers==0.23.3 peft==0.21.2 open_clip_torch==3.3.0 ftfy==6.3.1 \
-    wcwidth==0.2.14
+    wcwidth==0.2.14 regex==2026.11.19
 du -sh .whl
