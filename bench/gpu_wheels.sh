@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download into .whl/ (ignored by git through .git/info/exclude) the wheels bench/gpu_check.sh installs on the GPU
 # machine, whose image (Python 3.12) has torch, accelerate, safetensors, huggingface_hub, timm and tensorboard but
-# not diffusers or open_clip, and older transformers, peft and regex than this project tests. Run here, where pip reaches
-# the registry; then carry .whl in the device run.
+# not diffusers or open_clip; transformers, peft and regex travel at the versions this project is tested with,
+# whatever the image has. Run here, where pip reaches the registry; then carry .whl in the device run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
