@@ -53,7 +53,7 @@ from train.parrot import Trainer  # noqa: E402
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 REWARDS = ["jpeg_compressibility", "colorfulness", "sharpness"]
 K, N = len(REWARDS), 8
-COMMON = [f"rewards={REWARDS}", "eval_every=0", "overwrite=true", "max_grad_norm=1.0"]
+COMMON = [f"rewards={REWARDS}", "eval_every=0", "validate_every=0", "overwrite=true", "max_grad_norm=1.0"]
 WEIGHTED = ["expander_model=null", f"images_per_prompt={K * N}", "eval_expansion_guidance_scale=0.0"]
 ARMS = {
     "parrot": [f"images_per_prompt={N}", "advantage=raw"],

@@ -168,7 +168,8 @@ def test_a_run_killed_at_any_moment_leaves_only_complete_checkpoints(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "train", "--config", "configs/quickstart.yaml", f"output_dir={run}",
                "iterations=50", "checkpoint_every=1", "keep_checkpoints=3", "images_per_prompt=2",
-               "num_inference_steps=2", "expander_model=null", "eval_every=0", "resolution=32"]  # fmt: skip
+               "num_inference_steps=2", "expander_model=null", "eval_every=0", "resolution=32",
+               "validation_images_per_prompt=1"]  # fmt: skip
     repository = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(command, cwd=repository, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

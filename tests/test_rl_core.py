@@ -24,7 +24,7 @@ def fresh_accelerate_state():
 def config(tmp_path, *overrides):
     return load_config("configs/quickstart.yaml", [
         f"output_dir={tmp_path / 'run'}", "iterations=2", "images_per_prompt=4", "num_inference_steps=4",
-        "eval_every=0", "eval_images_per_prompt=1", "expander_model=null", *overrides,
+        "eval_every=0", "eval_images_per_prompt=1", "validation_images_per_prompt=1", "expander_model=null", *overrides,
     ])  # fmt: skip
 
 

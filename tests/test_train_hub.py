@@ -34,7 +34,7 @@ def test_a_run_pushes_its_bundle_with_settings_evaluation_and_gallery_in_the_car
     assert "| `lora_rank` | `8` |" in card and "| `mode` | `parrot` |" in card
     evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     hypervolume = f"{evaluation['trained']['hypervolume']:.4f}"
-    assert "| trained |" in card and hypervolume in card
+    assert "| trained (iteration 1, the bundle) |" in card and hypervolume in card
     assert 'load_parrot_weights("me/parrot-run")' in card and "LoraLoaderModelOnly" in card
     logged = (tmp_path / "run" / "metrics.jsonl").read_text() + json.dumps(results)
     assert "hf_secret_token" not in card + logged

@@ -33,7 +33,7 @@ def small_overrides(tmp_path) -> list[str]:
     """The quickstart preset shrunk to seconds, writing into ``tmp_path / "run"``."""
     return [f"output_dir={tmp_path / 'run'}", "overwrite=false", "iterations=2", "images_per_prompt=4",
             "num_inference_steps=3", "expander_sft_epochs=1", "eval_every=0", "eval_images_per_prompt=1",
-            "expander_max_new_tokens=8"]  # fmt: skip
+            "validation_images_per_prompt=1", "expander_max_new_tokens=8"]  # fmt: skip
 
 
 def small_config(tmp_path, *overrides):
@@ -149,7 +149,7 @@ def test_run_writes_everything_and_the_bundle_round_trips(tmp_path, capsys):
     assert (run / "plots" / "rewards.png").stat().st_size > 0 and (run / "plots" / "pareto.png").stat().st_size > 0
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs"
     assert (run / "samples" / "eval_trained.png").is_file()
-    assert set(results) == {"base", "trained"} and "hypervolume gain" in capsys.readouterr().out
+    assert {"base", "trained", "selection"} <= set(results) and "hypervolume gain" in capsys.readouterr().out
 
     bundle = run / "bundle"
     saved = json.loads((bundle / "parrot_config.json").read_text())

@@ -31,8 +31,10 @@ PRECISIONS = ("no", "fp16", "bf16")
 # Settings a resumed run must share with its checkpoint: they shape the saved weights or what the rewards mean.
 RESUME_FIXED = ("mode", "pretrained_model", "expander_model", "rewards", "reward_options", "reward_identifiers",
                 "reward_weights", "lora_rank", "lora_alpha", "lora_targets", "expander_lora_rank", "train_unet",
-                "freeze_expander", "expander_sft_data", "mixed_precision", "seed")  # fmt: skip
+                "freeze_expander", "expander_sft_data", "mixed_precision", "seed", "validation_prompts",
+                "validation_images_per_prompt", "select_by", "collapse_margin")  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 RENAMED = {  # keys of earlier releases, and what replaced them
     "accumulate_timesteps": "timesteps always accumulate within a minibatch; `gradient_accumulation_steps` sets the "
     "minibatches per optimiser step (null: all of them, one step per iteration, as `accumulate_timesteps: true` did)",
@@ -78,6 +80,8 @@ class TrainConfig:
 
     # --- policy gradient ---------------------------------------------------------------------------------------
     learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine, over the iterations
+    lr_warmup_iterations: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.1
@@ -113,6 +117,18 @@ class TrainConfig:
     eval_images_per_prompt: int = 4
     eval_expansion_guidance_scale: float = 5.0  # w2 of the final evaluation; w1 is guidance_scale
 
+    # --- validation: which iterate the bundle is, early stopping, the collapse guard ----------------------------
+    validation_prompts: str = "train/data/quickstart_validation_prompts.txt"  # held out from `eval_prompts`
+    validate_every: int = 10  # iterations between validations (also after the last); 0: none, the bundle is the last
+    validation_images_per_prompt: int = 4
+    # The iterate the bundle is: hypervolume (fewest rewards below the base, then the highest hypervolume), a
+    # reward's name (its mean) or last; null: hypervolume with several rewards, the reward itself with one.
+    select_by: str | None = None
+    patience: int = 0  # stop after this many validations without a new best; 0: run every iteration
+    collapse_margin: float | None = None  # a reward this many base standard deviations below its best also collapses
+    collapse_action: str = "warn"  # on a collapsed reward: warn | stop | rollback (to the best iterate)
+    rollback_lr_factor: float = 0.5  # rollback: the learning rates are multiplied by this
+
     # --- checkpoints, processes, Hub ---------------------------------------------------------------------------
     checkpoint_every: int = 0  # iterations between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
@@ -127,6 +143,13 @@ class TrainConfig:
     @property
     def lora_alpha_value(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def selection_rule(self) -> str:
+        """What ``select_by`` means for this run's rewards."""
+        if self.select_by is not None:
+            return self.select_by
+        return "hypervolume" if len(self.rewards) > 1 else self.rewards[0]
 
     @property
     def uses_expander(self) -> bool:
@@ -162,10 +185,10 @@ def check_config(config: TrainConfig) -> None:
               "null (all minibatches of an epoch in one optimiser step) or an integer ≥ 1")  # fmt: skip
     for name in ("iterations", "images_per_prompt", "num_inference_steps", "train_batch_size", "num_inner_epochs", "lora_rank",
                  "expander_lora_rank", "expander_max_new_tokens", "eval_images_per_prompt", "expander_sft_epochs",
-                 "expander_sft_batch_size"):  # fmt: skip
+                 "expander_sft_batch_size", "validation_images_per_prompt"):  # fmt: skip
         if getattr(config, name) < 1:
             _fail(name, getattr(config, name), "an integer ≥ 1")
-    for name in ("eval_every", "checkpoint_every"):
+    for name in ("eval_every", "checkpoint_every", "validate_every", "patience", "lr_warmup_iterations"):
         if getattr(config, name) < 0:
             _fail(name, getattr(config, name), "an integer ≥ 0")
     if config.keep_checkpoints < 1:
@@ -209,8 +232,33 @@ def check_config(config: TrainConfig) -> None:
         _fail("reward_weights", config.reward_weights, "null in parrot mode (Pareto selection uses no weights)")
     if config.mode == "parrot" and len(config.rewards) < 2:
         _fail("rewards", config.rewards, "at least two rewards in parrot mode (Pareto selection needs K ≥ 2)")
+    check_validation(config)
     if not config.train_unet and (config.freeze_expander or not config.uses_expander):
         _fail("train_unet", False, "true unless an expander is trained (freeze_expander: false, parrot mode)")
+
+
+def check_validation(config: TrainConfig) -> None:
+    """The validation, selection, collapse-guard and schedule settings."""
+    from .validation import COLLAPSE_ACTIONS
+
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        _fail("lr_scheduler", config.lr_scheduler, f"use one of {list(LR_SCHEDULERS)}")
+    if config.lr_warmup_iterations >= config.iterations:
+        _fail("lr_warmup_iterations", config.lr_warmup_iterations, f"fewer than `iterations` ({config.iterations})")
+    rules = ["hypervolume", "last", *config.rewards]
+    if config.select_by is not None and config.select_by not in rules:
+        _fail("select_by", config.select_by, f"null or one of {rules}")
+    if config.select_by == "hypervolume" and len(config.rewards) < 2:
+        _fail("select_by", config.select_by, f"a reward's name or last with a single reward ({config.rewards[0]!r})")
+    if config.collapse_action not in COLLAPSE_ACTIONS:
+        _fail("collapse_action", config.collapse_action, f"use one of {list(COLLAPSE_ACTIONS)}")
+    if config.collapse_margin is not None and not (math.isfinite(config.collapse_margin) and config.collapse_margin >= 0):
+        _fail("collapse_margin", config.collapse_margin, "null (only a fall below the base) or a finite number ≥ 0")
+    if not (math.isfinite(config.rollback_lr_factor) and 0 < config.rollback_lr_factor <= 1):
+        _fail("rollback_lr_factor", config.rollback_lr_factor, "in (0, 1]")
+    if config.select_by == "last" and (config.patience or config.collapse_action == "rollback"):
+        _fail("select_by", "last", "hypervolume or a reward's name with patience or collapse_action: rollback, which "
+              "need a best iterate")  # fmt: skip
 
 
 def check_cpu_threads(value: int | None) -> None:

@@ -115,36 +115,40 @@ def plot_pareto(batches: dict[str, tuple[torch.Tensor, torch.Tensor]], reward_na
     plt.close(figure)
 
 
-def plot_validation(validations: list[dict], lam: float, best_step: int, path: Path) -> None:
-    """RPO's validation scores over the steps with their two components, the best step marked."""
+def plot_validation(validations: list[dict], series: dict[str, str], selected: int, path: Path,
+                    x_key: str = "iteration") -> None:  # fmt: skip
+    """One panel per validation score (``series``: title → record key) over the run, the first validation (the model
+    before training) as a dotted line, the selected iterate as a dashed one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    steps = [record["step"] for record in validations]
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    for key, label in (("lambda_harmonic", f"λ-harmonic (λ = {lam})"), ("subject_fidelity", "subject fidelity S_I"),
-                       ("text_alignment", "text alignment S_T")):  # fmt: skip
-        axis.plot(steps, [record[f"validation/{key}"] for record in validations], "-o", ms=3, label=label)
-    axis.axvline(best_step, color="gray", linestyle="--", label=f"best (step {best_step})")
-    axis.set_xlabel("step")
-    axis.legend(fontsize="small")
+    x = [record[x_key] for record in validations]
+    figure, axes = plt.subplots(1, len(series), figsize=(3.8 * len(series), 3.2), squeeze=False)
+    for axis, (title, key) in zip(axes[0], series.items()):
+        axis.plot(x, [record[key] for record in validations], "-o", ms=3)
+        axis.axhline(validations[0][key], color="gray", linestyle=":", label="before training")
+        axis.axvline(selected, color="tab:red", linestyle="--", label=f"selected ({x_key} {selected})")
+        axis.set_title(title)
+        axis.set_xlabel(x_key)
+        axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 CARD_SETTINGS = ("mode", "iterations", "images_per_prompt", "resolution", "num_inference_steps", "guidance_scale",
-                 "eta", "learning_rate", "lora_rank", "lora_targets", "advantage", "kl_beta", "clip_range",
+                 "eta", "learning_rate", "lr_scheduler", "lora_rank", "lora_targets", "advantage", "kl_beta", "clip_range",
                  "expander_model", "expander_learning_rate", "freeze_expander", "train_unet", "seed")  # fmt: skip
 
 
 def model_card_sections(config, results: dict) -> str:
-    """The training run's part of the bundle's model card: the main settings and the final evaluation."""
+    """The training run's part of the bundle's model card: the main settings, the validation curve with the selected
+    iterate, and the final evaluation."""
     settings = "\n".join(f"| `{name}` | `{getattr(config, name)}` |" for name in CARD_SETTINGS)
     return f"""## Training
 
 | setting | value |
 |---|---|
 {settings}
-
+{validation_section(config, results)}
 ## Evaluation on held-out prompts
 
 {config.eval_images_per_prompt} images for each held-out prompt, base model (plain guidance, no LoRA) against the
@@ -156,12 +160,52 @@ trained model (expansion, identifiers and original-prompt-centred guidance with
 """
 
 
+SELECTION_RULES = {
+    "hypervolume": "the fewest rewards below the base model, then the highest hypervolume",
+    "last": "the last iterate",
+}
+
+
+def validation_section(config, results: dict) -> str:
+    """The card's validation curve: every validation, which iterate the bundle is and why."""
+    selection = results.get("selection")
+    if selection is None:
+        return ""
+    rule = SELECTION_RULES.get(selection["select_by"], f"the highest mean {selection['select_by']}")
+    names = list(config.rewards) + (["hypervolume"] if len(config.rewards) > 1 else [])
+    rows = []
+    for record in selection["validations"]:
+        label = "base" if record["iteration"] == 0 else str(record["iteration"])
+        marks = (["**bundle**"] if record["iteration"] == selection["iteration"] and record["iteration"] else [])
+        marks += [f"collapsed: {', '.join(record['collapsed'])}"] if record.get("collapsed") else []
+        marks += [f"rolled back to {record['rolled_back_to']}"] if "rolled_back_to" in record else []
+        rows.append([label, *(f"{record[f'validation/{name}']:.4g}" for name in names), "; ".join(marks)])
+    stopped = {None: "", "patience": f" The run stopped early: {config.patience} validations without a new best.",
+               "collapse": " The run stopped when a reward collapsed."}[selection["stopped_by"]]  # fmt: skip
+    return f"""
+## Validation
+
+Every {config.validate_every} iterations, {config.validation_images_per_prompt} images for each validation prompt
+(not the held-out prompts below), fixed seeds; the hypervolume uses the base model's validation as its scale. This
+bundle is iteration {selection["iteration"]} of {selection["last_iteration"]}, selected by {rule}.{stopped}
+
+{markdown_table(["iteration", *names, ""], rows)}
+"""
+
+
 def evaluation_table(results: dict, reward_names: list[str]) -> str:
-    """The final held-out comparison as a Markdown table."""
+    """The final held-out comparison as a Markdown table: the base model, the bundle's iterate and, when it is not
+    the last, the last iterate."""
+    labels = {"base": "base", "trained": "trained", "last": "last"}
+    if "iteration" in results["trained"]:
+        labels["trained"] = f"trained (iteration {results['trained']['iteration']}, the bundle)"
+    if "last" in results:
+        labels["last"] = f"last (iteration {results['last']['iteration']})"
     rows = [
-        [label, *(f"{result['means'][name]:.4g}" for name in reward_names), f"{result['hypervolume']:.4f}"]
-        for label, result in results.items()
-    ]
+        [labels[label], *(f"{results[label]['means'][name]:.4g}" for name in reward_names),
+         f"{results[label]['hypervolume']:.4f}"]
+        for label in labels if label in results
+    ]  # fmt: skip
     gain = results["trained"]["hypervolume"] - results["base"]["hypervolume"]
     sign = "+" if gain >= 0 else ""
     table = markdown_table(["model", *reward_names, "hypervolume"], rows)

@@ -46,6 +46,20 @@ def hypervolume(points: torch.Tensor, reference: torch.Tensor) -> float:
     return volume
 
 
+def scaled_hypervolume(matrix: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> float:
+    """Hypervolume of the reward vectors ``matrix`` ``[N, K]`` with every reward rescaled so that ``low`` maps to 0 and
+    ``high`` to 1, the reference point at the origin; a non-finite reward counts as the worst value."""
+    scaled = ((matrix - low) / (high - low).clamp(min=1e-12)).nan_to_num(0.0, 0.0, 0.0)
+    return hypervolume(scaled, torch.zeros(matrix.shape[1]))
+
+
+def reward_range(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each reward's smallest and largest finite value in ``matrix`` ``[N, K]``."""
+    low = matrix.nan_to_num(float("inf"), float("inf"), float("inf")).min(dim=0).values
+    high = matrix.nan_to_num(float("-inf"), float("-inf"), float("-inf")).max(dim=0).values
+    return low, high
+
+
 def compare_reward_sets(matrices: dict[str, torch.Tensor], reward_names: list[str]) -> dict[str, dict]:
     """Each set's reward means and the hypervolume of its reward vectors, on one common scale.
 
@@ -53,14 +67,11 @@ def compare_reward_sets(matrices: dict[str, torch.Tensor], reward_names: list[st
     the origin (the worst value seen of each reward), so the hypervolumes of the sets can be compared. Rows with a
     non-finite reward count as the worst value.
     """
-    union = torch.cat(list(matrices.values()))
-    low = union.nan_to_num(float("inf"), float("inf"), float("inf")).min(dim=0).values
-    high = union.nan_to_num(float("-inf"), float("-inf"), float("-inf")).max(dim=0).values
-    results = {}
-    for label, matrix in matrices.items():
-        scaled = ((matrix - low) / (high - low).clamp(min=1e-12)).nan_to_num(0.0, 0.0, 0.0)
-        results[label] = {
+    low, high = reward_range(torch.cat(list(matrices.values())))
+    return {
+        label: {
             "means": {name: matrix[:, k].nanmean().item() for k, name in enumerate(reward_names)},
-            "hypervolume": hypervolume(scaled, torch.zeros(len(reward_names))),
+            "hypervolume": scaled_hypervolume(matrix, low, high),
         }
-    return results
+        for label, matrix in matrices.items()
+    }

@@ -54,7 +54,15 @@ from parrot_pipeline.tiny import default_tiny_expander
 
 from .checkpoint import sha256_of
 from .config import LORA_TARGETS, RESUME_FIXED, TrainConfig
-from .outputs import evaluation_table, model_card_sections, plot_pareto, plot_rewards, save_grid
+from .outputs import (
+    MetricsWriter,
+    evaluation_table,
+    model_card_sections,
+    plot_pareto,
+    plot_rewards,
+    plot_validation,
+    save_grid,
+)
 from .pareto import compare_reward_sets, non_dominated_mask
 from .prompts import read_prompts
 from .rewards import resolve_reward, score_images
@@ -70,8 +78,11 @@ from .sampling import (
 )
 from .sft import load_pairs, supervised_finetune
 from .stats import PerPromptStatTracker, standardise
+from .validation import BestIterate, RewardValidation, scale_learning_rates
 
 logger = logging.getLogger(__name__)
+
+EVAL_SEED, VALIDATION_SEED = 10_000, 20_000  # image k of the held-out (validation) prompts uses seed + k
 
 
 def policy_loss(
@@ -154,6 +165,14 @@ class Trainer(TrainingRun):
         self._check_output_dir(checkpoint)
         self.prompts = read_prompts(config.prompts)
         self.eval_prompts = read_prompts(config.eval_prompts)
+        self.validation_prompts = read_prompts(config.validation_prompts) if config.validate_every else []
+        shared = sorted(set(self.validation_prompts) & set(self.eval_prompts))
+        if shared:
+            raise ValueError(
+                f"config `validation_prompts` ({config.validation_prompts}) shares {len(shared)} prompt(s) with "
+                f"`eval_prompts` ({config.eval_prompts}), e.g. {shared[0]!r}: the final table must score prompts that "
+                "chose no iterate. Use separate files."
+            )
         resuming_sft = checkpoint is not None and checkpoint[1]["expander_sft_sha256"] is not None
         load_sft_pairs = config.expander_sft_data and config.uses_expander and not resuming_sft
         self.sft_pairs = load_pairs(config.expander_sft_data) if load_sft_pairs else None
@@ -193,12 +212,18 @@ class Trainer(TrainingRun):
         self._load_expander()
         self.optimizers, self.lr_schedulers = self._optimizers()
         self.history: list[dict] = []
+        self.validation = RewardValidation(config.rewards, config.selection_rule, config.collapse_margin)
+        self.best = BestIterate(config.patience)
+        self.stopped_by: str | None = None  # "patience" or "collapse" when the run ended before its iterations
         self.reward_batches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.run_id = uuid.uuid4().hex
         self.stop_signal: int | None = None
         self.checkpointed_at: int | None = None
 
         self._begin(checkpoint, "parrot")
+        self.validation_metrics = MetricsWriter(self.output_dir / "validation.jsonl")
+        if self.accelerator.is_main_process and checkpoint is not None:
+            self.validation_metrics.rewrite(self.validation.records)
 
     # ------------------------------------------------------------------------------------------------------------
     # Set-up, checkpoints and resume
@@ -225,6 +250,9 @@ class Trainer(TrainingRun):
             "tracker": self.tracker.state_dict(),
             "sft_losses": self.sft_losses,
             "first_batch": self.reward_batches.get("first"),
+            "validation": self.validation.state_dict(),
+            "best": self.best.state_dict(),
+            "stopped_by": self.stopped_by,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,6 +266,9 @@ class Trainer(TrainingRun):
         self.sft_losses = state["sft_losses"]
         if state["first_batch"] is not None:
             self.reward_batches["first"] = state["first_batch"]
+        self.validation.load_state_dict(state["validation"])
+        self.best.load_state_dict(state["best"])
+        self.stopped_by = state["stopped_by"]
 
     def _load_expander(self) -> None:
         config = self.config
@@ -296,7 +327,11 @@ class Trainer(TrainingRun):
             )  # fmt: skip
             for name, (parameters, lr) in groups.items()
         }
-        schedulers = {name: get_scheduler("constant", optimizer) for name, optimizer in optimizers.items()}
+        schedulers = {
+            name: get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_iterations,
+                                num_training_steps=config.iterations)  # fmt: skip
+            for name, optimizer in optimizers.items()
+        }
         return optimizers, schedulers
 
     # ------------------------------------------------------------------------------------------------------------
@@ -582,17 +617,19 @@ class Trainer(TrainingRun):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], trained: bool, seed: int, identifiers: list[int] | None = None
-    ) -> tuple[torch.Tensor, list[str]]:
+        self, prompts: list[str], trained: bool, seed: int, identifiers: list[int] | None = None,
+        images_per_prompt: int | None = None,
+    ) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
         """Images of the trained model (expansion, identifiers, original-prompt-centred guidance) or of the base
         model (plain CFG, LoRA off) through ParrotPipeline, float ``[N, 3, H, W]`` in [0, 1]. ``identifiers``: the
-        rewards whose identifiers the trained model's ``ĉ`` carries (indices; default all)."""
+        rewards whose identifiers the trained model's ``ĉ`` carries (indices; default all); ``images_per_prompt``:
+        default ``eval_images_per_prompt``."""
         config = self.config
         pipe = self.pipe
         pipe.register_modules(expander=self.expander if trained else None, expander_tokenizer=self.expander_tokenizer)
         pipe.expander_config = self.expander_config or ExpanderConfig()
         pipe.parrot_config = self.parrot_config() if trained else None
-        repeated = [p for p in prompts for _ in range(config.eval_images_per_prompt)]
+        repeated = [p for p in prompts for _ in range(images_per_prompt or config.eval_images_per_prompt)]
         generators = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(repeated))]
         kwargs = dict(
             guidance_scale=config.guidance_scale, num_inference_steps=config.num_inference_steps,
@@ -612,18 +649,119 @@ class Trainer(TrainingRun):
         pipe.register_modules(expander=None, expander_tokenizer=None)
         return torch.cat(images), texts
 
-    def eval_rewards(self, trained: bool, identifiers: list[int] | None = None) -> torch.Tensor:
-        """Reward matrix ``[prompts × eval_images_per_prompt, K]`` of the held-out prompts, fixed seeds."""
-        images, texts = self.generate(self.eval_prompts, trained=trained, seed=10_000, identifiers=identifiers)
-        prompts = [p for p in self.eval_prompts for _ in range(self.config.eval_images_per_prompt)]
-        label = ("trained" if trained else "base") + ("" if identifiers is None else f"_ids{'-'.join(map(str, identifiers))}")
-        save_grid(images, self.output_dir / "samples" / f"eval_{label}.png", columns=self.config.eval_images_per_prompt)
-        return score_images(self.reward_fns, images, prompts, {"original_prompts": prompts, "expanded_prompts": texts})
+    def score(self, prompts: list[str], trained: bool, seed: int, images_per_prompt: int, grid: Path,
+              identifiers: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+        """Reward matrix ``[prompts × images_per_prompt, K]`` of :meth:`generate`'s images; their grid goes to ``grid``."""
+        images, texts = self.generate(prompts, trained, seed, identifiers, images_per_prompt)
+        save_grid(images, grid, columns=images_per_prompt)
+        repeated = [p for p in prompts for _ in range(images_per_prompt)]
+        return score_images(self.reward_fns, images, repeated, {"original_prompts": repeated, "expanded_prompts": texts})
+
+    def eval_rewards(self, trained: bool, identifiers: list[int] | None = None, label: str | None = None) -> torch.Tensor:
+        """Reward matrix ``[prompts × eval_images_per_prompt, K]`` of the held-out prompts, fixed seeds; the grid is
+        ``samples/eval_{label}.png`` (default: trained or base, and the identifiers)."""
+        if label is None:
+            label = ("trained" if trained else "base") + ("" if identifiers is None else f"_ids{'-'.join(map(str, identifiers))}")
+        n = self.config.eval_images_per_prompt
+        return self.score(self.eval_prompts, trained, EVAL_SEED, n, self.output_dir / "samples" / f"eval_{label}.png",
+                          identifiers)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Validation: the selected iterate, early stopping, the collapse guard
+
+    def validate(self) -> dict:
+        """The validation prompts' rewards (fixed seeds, the trained sampler) for the model as it is now, the base
+        model at iteration 0, as the final table samples both: each reward's mean and the hypervolume on the base
+        validation's scale. Computed on the main process and sent to the others."""
+        record = None
+        if self.accelerator.is_main_process:
+            n = self.config.validation_images_per_prompt
+            grid = self.output_dir / "samples" / f"validation_{self.iteration:05d}.png"
+            rewards = self.score(self.validation_prompts, self.iteration > 0, VALIDATION_SEED, n, grid)
+            record = self.validation.record(self.iteration, rewards)
+        if self.num_processes > 1:
+            record, self.validation.scale = self._collective(
+                "sharing the validation", broadcast_object_list, [record, self.validation.scale]
+            )
+        return record
+
+    def trained_state(self) -> dict:
+        """A copy of what training changes: the LoRA weights and the optimisers' moments (not their learning rates)."""
+        weights = {"unet": lora_parameters(self.pipe.unet)}
+        if self.expander is not None:
+            weights["expander"] = lora_parameters(self.expander)
+        return {
+            "weights": {part: {name: p.detach().cpu().clone() for name, p in named.items()} for part, named in weights.items()},
+            "moments": {name: copy.deepcopy(optimizer.state_dict()["state"]) for name, optimizer in self.optimizers.items()},
+        }  # fmt: skip
+
+    def load_trained_state(self, state: dict, moments: bool = True) -> None:
+        modules = {"unet": self.pipe.unet, "expander": self.expander}
+        with torch.no_grad():
+            for part, saved in state["weights"].items():
+                for name, parameter in lora_parameters(modules[part]).items():
+                    parameter.copy_(saved[name])
+        if moments:
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict({**optimizer.state_dict(), "state": state["moments"][name]})
+
+    def after_validation(self, record: dict) -> None:
+        """Log a validation, offer it to the selection, and guard against a collapsed reward (``collapse_action``)."""
+        config = self.config
+        self.validation.add(record)
+        if self.iteration > 0:
+            if config.selection_rule != "last":
+                record["new_best"] = self.best.offer(self.iteration, self.validation.score(record), self.trained_state)
+            reasons = self.validation.collapsed(record)
+            if reasons:
+                record["collapsed"] = list(reasons)
+                logger.warning("collapse guard, iteration %d: %s (collapse_action: %s).", self.iteration,
+                               "; ".join(reasons.values()), config.collapse_action)  # fmt: skip
+                if config.collapse_action == "stop":
+                    self.stopped_by = "collapse"
+                elif config.collapse_action == "rollback":
+                    record["rolled_back_to"] = self.rollback()
+            if self.best.patience_exhausted():
+                self.stopped_by = "patience"
+        if self.accelerator.is_main_process:
+            self.validation_metrics.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k.startswith("validation/")}, step=self.iteration)
+
+    def rollback(self) -> int:
+        """Back to the best iterate's weights and moments, every learning rate × ``rollback_lr_factor`` from now on.
+        Returns the iterate."""
+        self.load_trained_state(self.best.snapshot)
+        for name, optimizer in self.optimizers.items():
+            scale_learning_rates(optimizer, self.lr_schedulers[name], self.config.rollback_lr_factor)
+        logger.warning("rolled back to iteration %d; learning rates × %g", self.best.iteration,
+                       self.config.rollback_lr_factor)  # fmt: skip
+        return self.best.iteration
+
+    @property
+    def selected_iteration(self) -> int:
+        """The iterate the bundle is: the best validation's, or the last one without selection."""
+        if self.config.validate_every and self.config.selection_rule != "last" and self.best.iteration is not None:
+            return self.best.iteration
+        return self.iteration
 
     def evaluate(self) -> dict:
-        """Held-out prompts, base vs trained: each reward's mean and the hypervolume of the reward vectors."""
-        matrices = {"base": self.eval_rewards(trained=False), "trained": self.eval_rewards(trained=True)}
-        return compare_reward_sets(matrices, self.config.rewards)
+        """Held-out prompts: the base model, the bundle's iterate ("trained") and, when validation selected an earlier
+        one, the last iterate; each reward's mean and the hypervolume of the reward vectors, on one scale. Leaves
+        the selected iterate's weights in place."""
+        matrices = {"base": self.eval_rewards(trained=False)}
+        if self.selected_iteration != self.iteration:
+            matrices["last"] = self.eval_rewards(trained=True, label="last")
+            self.load_trained_state(self.best.snapshot, moments=False)
+        matrices["trained"] = self.eval_rewards(trained=True)
+        compared = compare_reward_sets(matrices, self.config.rewards)
+        results = {"base": compared["base"], "trained": {**compared["trained"], "iteration": self.selected_iteration}}
+        if "last" in compared:
+            results["last"] = {**compared["last"], "iteration": self.iteration}
+        if self.validation.records:
+            results["selection"] = {"select_by": self.config.selection_rule, "iteration": self.selected_iteration,
+                                    "last_iteration": self.iteration, "stopped_by": self.stopped_by,
+                                    "validations": self.validation.records}  # fmt: skip
+        return results
 
     def save_bundle(self, card_sections: str = "", gallery: list[tuple[str, Path]] = ()) -> Path:
         expander = self._bundle_expander()
@@ -642,7 +780,8 @@ class Trainer(TrainingRun):
         )
 
     def train_loop(self) -> None:
-        """The iterations left, with metrics, TensorBoard scalars, a progress bar, sample grids and checkpoints.
+        """The iterations left, with validations (and what they decide), metrics, TensorBoard scalars, a progress
+        bar, sample grids and checkpoints.
 
         On SIGTERM/SIGINT the current iteration finishes, a checkpoint is written and the process exits with
         128 + the signal number; a second signal stops at once.
@@ -650,11 +789,14 @@ class Trainer(TrainingRun):
         config = self.config
         if self.sft_losses and self.accelerator.is_main_process:
             print(f"expander supervised stage: loss {self.sft_losses[0]:.3f} → {self.sft_losses[-1]:.3f}")
+        if config.validate_every and not self.validation.records:
+            self.after_validation(self.validate())  # the base model: the run's "before"
         progress = tqdm(total=config.iterations, initial=self.iteration, desc=config.mode,
                         disable=not self.accelerator.is_main_process)  # fmt: skip
         with self.stop_on_signals():
-            while self.iteration < config.iterations:
+            while self.iteration < config.iterations and self.stopped_by is None:
                 record = self.train_iteration()
+                self.step_lr_schedulers()
                 self.history.append(record)
                 if self.accelerator.is_main_process:
                     self.metrics.write(record)
@@ -665,36 +807,52 @@ class Trainer(TrainingRun):
                     | {"front": f"{record['front_fraction']:.2f}"}
                 )
                 self.iteration += 1
+                if config.validate_every and (self.iteration % config.validate_every == 0
+                                              or self.iteration == config.iterations):  # fmt: skip
+                    self.after_validation(self.validate())
                 if config.checkpoint_every and self.iteration % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 eval_due = config.eval_every and self.iteration % config.eval_every == 0
                 if eval_due and self.iteration < config.iterations and self.accelerator.is_main_process:
-                    images, _ = self.generate(self.eval_prompts[:4], trained=True, seed=10_000)
+                    images, _ = self.generate(self.eval_prompts[:4], trained=True, seed=EVAL_SEED)
                     save_grid(images, self.output_dir / "samples" / f"iter_{self.iteration:05d}.png",
                               columns=config.eval_images_per_prompt)  # fmt: skip
                 if self._stop_requested():
                     self._stop_with_checkpoint(progress)
         progress.close()
+        if self.stopped_by is not None and self.accelerator.is_main_process:
+            reason = {"patience": f"{config.patience} validations without a new best",
+                      "collapse": "a reward collapsed (collapse_action: stop)"}[self.stopped_by]  # fmt: skip
+            print(f"stopped at iteration {self.iteration} of {config.iterations}: {reason}")
         if self.checkpointed_at != self.iteration:
             self.save_checkpoint()
 
     def run(self) -> dict:
-        """Train, evaluate base vs trained on held-out prompts, write the bundle (with its model card) and the
-        plots, and push the bundle to the Hub when asked. The main process does all after training."""
+        """Train, evaluate on held-out prompts (base, the selected iterate and the last), write the selected
+        iterate's bundle (with its model card) and the plots, and push the bundle to the Hub when asked. The main
+        process does all after training."""
         config = self.config
         self.train_loop()
         results: dict = {}
         if self.accelerator.is_main_process:
             results = self.evaluate()
-            gallery = [(f"trained model, held-out prompts: {', '.join(self.eval_prompts[:4])}",
-                        self.output_dir / "samples" / "eval_trained.png")]  # fmt: skip
+            plots = self.output_dir / "plots"
+            caption = f"trained model (iteration {self.selected_iteration}), held-out prompts: {', '.join(self.eval_prompts[:4])}"
+            gallery = [(caption, self.output_dir / "samples" / "eval_trained.png")]
+            if self.validation.records:
+                series = {name: f"validation/{name}" for name in config.rewards}
+                if len(config.rewards) > 1:
+                    series["hypervolume"] = "validation/hypervolume"
+                plot_validation(self.validation.records, series, self.selected_iteration, plots / "validation.png")
+                gallery.append((f"validation curve; the bundle is iteration {self.selected_iteration}",
+                                plots / "validation.png"))  # fmt: skip
             bundle = self.save_bundle(model_card_sections(config, results), gallery)
-            plot_rewards(self.history, config.rewards, self.output_dir / "plots" / "rewards.png")
-            plot_pareto(self.reward_batches, config.rewards, self.output_dir / "plots" / "pareto.png")
+            plot_rewards(self.history, config.rewards, plots / "rewards.png")
+            plot_pareto(self.reward_batches, config.rewards, plots / "pareto.png")
             (self.output_dir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
             print(evaluation_table(results, config.rewards))
             print(f"(held-out prompts, sampled with the trained sampler: DDIM, {config.num_inference_steps} steps, eta 0)")
-            print(f"bundle: {bundle}")
+            print(f"bundle: {bundle} (iteration {self.selected_iteration})")
             if config.push_to_hub:
                 results["hub"] = self.push(bundle)
         self.accelerator.wait_for_everyone()

@@ -66,6 +66,7 @@ from .rewards.lambda_harmonic import lambda_harmonic
 from .rewards.references import read_subject_images
 from .run import TrainingRun, create_accelerator
 from .sampling import adapters_disabled, decode_images
+from .validation import BestIterate
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +331,7 @@ class RPOTrainer(TrainingRun):
 
         self.iteration = 0  # optimiser steps taken
         self.history: list[dict] = []  # training steps and validations, in order
-        self.best: dict | None = None  # step and score of the best validation after training began
-        self.best_weights: dict[str, torch.Tensor] | None = None  # its trained weights (main process)
+        self.selection = BestIterate(config.patience)  # the best validation after training began, and its weights
         self.run_id = uuid.uuid4().hex
         self.stop_signal: int | None = None
         self.checkpointed_at: int | None = None
@@ -438,15 +438,14 @@ class RPOTrainer(TrainingRun):
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly; called on every process (it gathers their RNGs)."""
-        return {**self.run_state(), "weights": self.trainable(), "best": self.best, "best_weights": self.best_weights}
+        return {**self.run_state(), "weights": self.trainable(), "selection": self.selection.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for name, parameter in self.trainable().items():
                 parameter.copy_(state["weights"][name])
         self.load_run_state(state)
-        self.best = state["best"]
-        self.best_weights = state["best_weights"] if self.accelerator.is_main_process else None
+        self.selection.load_state_dict(state["selection"])
 
     # ------------------------------------------------------------------------------------------------------------
     # One step
@@ -564,14 +563,22 @@ class RPOTrainer(TrainingRun):
         return self.output_dir / "samples" / f"validation_step_{step:06d}.png"
 
     def record_validation(self, record: dict) -> None:
-        """Log a validation and keep the weights when it beats every earlier one (validations after training began
-        only: the base model's score is the run's "before")."""
+        """Log a validation and offer it to the selection; the main process keeps the best one's weights."""
         self.log(record)
-        score = record["validation/lambda_harmonic"]
-        if self.iteration > 0 and (self.best is None or score > self.best["score"]):
-            self.best = {"step": self.iteration, "score": score}
-            if self.accelerator.is_main_process:
-                self.best_weights = {name: value.detach().cpu().clone() for name, value in self.trainable().items()}
+        keep = self.accelerator.is_main_process
+        weights = (lambda: {name: value.detach().cpu().clone() for name, value in self.trainable().items()}) if keep else None
+        self.selection.offer(self.iteration, record["validation/lambda_harmonic"], weights)
+
+    @property
+    def best(self) -> dict | None:
+        """Step and score of the best validation after training began."""
+        if self.selection.iteration is None:
+            return None
+        return {"step": self.selection.iteration, "score": self.selection.score}
+
+    @property
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        return self.selection.snapshot
 
     @property
     def validations(self) -> list[dict]:
@@ -579,10 +586,7 @@ class RPOTrainer(TrainingRun):
 
     def stopped_early(self) -> bool:
         """Whether ``patience`` validations in a row have not improved on the best one."""
-        if not self.config.patience or self.best is None:
-            return False
-        since_best = [record for record in self.validations if record["step"] > self.best["step"]]
-        return len(since_best) >= self.config.patience
+        return self.selection.patience_exhausted()
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop and the outputs
@@ -607,6 +611,7 @@ class RPOTrainer(TrainingRun):
         with self.stop_on_signals():
             while self.iteration < config.max_steps and not self.stopped_early():
                 record = self.training_step()
+                self.step_lr_schedulers()
                 self.iteration += 1
                 self.log(record)
                 progress.update()
@@ -643,8 +648,11 @@ class RPOTrainer(TrainingRun):
                         self.validation_grid(self.best["step"]))]  # fmt: skip
             folder = self.save_full_model(card, gallery) if config.full_unet else self.save_bundle(card, gallery)
             results["output"] = str(folder)
-            plot_validation(self.validations, self.config.validation_lambda, self.best["step"],
-                            self.output_dir / "plots" / "validation.png")  # fmt: skip
+            series = {f"λ-harmonic (λ = {config.validation_lambda})": "validation/lambda_harmonic",
+                      "subject fidelity S_I": "validation/subject_fidelity",
+                      "text alignment S_T": "validation/text_alignment"}  # fmt: skip
+            plot_validation(self.validations, series, self.best["step"], self.output_dir / "plots" / "validation.png",
+                            x_key="step")  # fmt: skip
             with replacing(self.output_dir / "rpo.json") as temporary:
                 temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
             print(self.validation_table(results))

@@ -277,9 +277,13 @@ class TrainingRun:
             scaler.update()
         else:
             optimizer.step()
-        self.lr_schedulers[name].step()
         optimizer.zero_grad(set_to_none=True)
         return True
+
+    def step_lr_schedulers(self) -> None:
+        """The learning-rate schedules advance once per iteration, however many optimiser steps it took."""
+        for scheduler in self.lr_schedulers.values():
+            scheduler.step()
 
     # ------------------------------------------------------------------------------------------------------------
     # The Hub
