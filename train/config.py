@@ -176,7 +176,7 @@ def check_config(config: TrainConfig) -> None:
         _fail("device", config.device, f"use one of {list(DEVICES)}")
     if config.mixed_precision not in PRECISIONS:
         _fail("mixed_precision", config.mixed_precision, f"use one of {list(PRECISIONS)}")
-    for name in ("learning_rate", "expander_learning_rate", "expander_sft_learning_rate", "adam_epsilon"):
+    for name in ("learning_rate", "expander_learning_rate", "expander_sft_learning_rate", "adam_epsilon", "reward_scale"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value > 0):
             _fail(name, value, "a finite number > 0")
@@ -210,8 +210,9 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             _fail(name, value, "null (off) or a finite number > 0")
-    if not 0 <= config.adam_beta1 < 1 or not 0 <= config.adam_beta2 < 1:
-        _fail("adam_beta1/adam_beta2", (config.adam_beta1, config.adam_beta2), "each in [0, 1)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            _fail(name, getattr(config, name), "in [0, 1)")
     if len(config.rewards) == 0:
         _fail("rewards", config.rewards, "at least one reward name")
     if len(set(config.rewards)) != len(config.rewards):
@@ -224,6 +225,10 @@ def check_config(config: TrainConfig) -> None:
         _fail("reward_options", config.reward_options, f"options only for rewards in `rewards`, not {unknown}")
     for name in config.rewards:
         resolve_reward(name, options.get(name))
+    if config.lora_alpha is not None and not (math.isfinite(config.lora_alpha) and config.lora_alpha > 0):
+        _fail("lora_alpha", config.lora_alpha, "null (equal to the rank) or a finite number > 0")
+    if config.reward_weights is not None and not all(math.isfinite(weight) for weight in config.reward_weights):
+        _fail("reward_weights", config.reward_weights, "finite numbers")
     if config.reward_weights is not None and len(config.reward_weights) != len(config.rewards):
         _fail("reward_weights", config.reward_weights, f"one weight per reward ({len(config.rewards)})")
     if config.reward_identifiers is not None and len(config.reward_identifiers) != len(config.rewards):
@@ -300,6 +305,8 @@ def _coerce(name: str, hint, value):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _parses_as_float(value):
+            return float(value)  # "1e-5", "3E-4", "inf": what Python's float() reads
         if option is str and isinstance(value, str):
             return value
         if option is dict and isinstance(value, dict):
@@ -309,6 +316,14 @@ def _coerce(name: str, hint, value):
             return [_coerce(f"{name}[{i}]", item_type, item) for i, item in enumerate(value)]
     readable = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise TypeError(f"config `{name}` must be {readable}, got {value!r} ({type(value).__name__}).")
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_config(values: dict, config_class=TrainConfig):
@@ -334,6 +349,10 @@ ConfigLoader.yaml_implicit_resolvers = {
 }
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.2's floats: an exponent needs no dot, so `1e-5` is a number as in Python, not the string YAML 1.1 makes it.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789")
 )
 
 

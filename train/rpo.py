@@ -193,8 +193,11 @@ def check_rpo_config(config: RPOConfig) -> None:
             _fail(name, value, "a finite number ≥ 0")
     if config.max_grad_norm is not None and not (math.isfinite(config.max_grad_norm) and config.max_grad_norm > 0):
         _fail("max_grad_norm", config.max_grad_norm, "null (off) or a finite number > 0")
-    if not 0 <= config.adam_beta1 < 1 or not 0 <= config.adam_beta2 < 1:
-        _fail("adam_beta1/adam_beta2", (config.adam_beta1, config.adam_beta2), "each in [0, 1)")
+    if config.lora_alpha is not None and not (math.isfinite(config.lora_alpha) and config.lora_alpha > 0):
+        _fail("lora_alpha", config.lora_alpha, "null (equal to the rank) or a finite number > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            _fail(name, getattr(config, name), "in [0, 1)")
     if config.resolution < 8 or config.resolution % 8:
         _fail("resolution", config.resolution, "a positive multiple of 8")
     check_push_to_hub(config.push_to_hub)
