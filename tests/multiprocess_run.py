@@ -68,3 +68,6 @@ if trainer.expander is not None:  # its LoRA, and the weights of its supervised 
     weights |= {f"expander/{k}": v for k, v in trainer.expander.named_parameters()}
 save_file({k: v.detach().contiguous() for k, v in weights.items()}, output / f"weights_rank{rank}.safetensors")
 save_file({k: v.contiguous() for k, v in recorded.items()}, output / f"recorded_rank{rank}.safetensors")
+json.dump({"validations": trainer.validation.records, "selected": trainer.selected_iteration,
+           "learning_rates": {name: o.param_groups[0]["lr"] for name, o in trainer.optimizers.items()}},
+          open(output / f"validation_rank{rank}.json", "w"))  # fmt: skip

@@ -18,7 +18,8 @@ from .helpers import two_process_launch
 REPOSITORY = Path(__file__).resolve().parents[1]
 SETTINGS = ["iterations=2", "images_per_prompt=4", "num_inference_steps=2", "resolution=32", "eval_every=0",
             "expander_sft_epochs=1", "expander_max_new_tokens=6", "checkpoint_every=1", "train_batch_size=1",
-            "gradient_accumulation_steps=1"]  # fmt: skip
+            "gradient_accumulation_steps=1", "validate_every=1", "validation_images_per_prompt=1",
+            "collapse_action=rollback", "collapse_margin=0.0"]  # fmt: skip
 
 
 def launch(output: Path, *overrides: str, env: dict | None = None, timeout: float = 600):
@@ -74,6 +75,12 @@ def test_the_front_is_selected_over_the_gathered_batch(two_process_run):
             group = weights[:, g * per_process : (g + 1) * per_process]
             assert group.sum().item() == pytest.approx(1 / groups)
             assert torch.allclose(group[group > 0], group[group > 0][0]), "equal within a front"
+
+
+def test_every_process_takes_the_main_process_validation_and_its_decisions(two_process_run):
+    first, second = (json.loads((two_process_run / f"validation_rank{r}.json").read_text()) for r in (0, 1))
+    assert [record["iteration"] for record in first["validations"]] == [0, 1, 2]
+    assert first == second  # the same scores, the same selected iterate, the same rollbacks and learning rates
 
 
 def test_only_the_main_process_writes(two_process_run):
