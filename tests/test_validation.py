@@ -239,3 +239,19 @@ def test_validation_prompts_must_not_be_the_held_out_prompts(tmp_path):
     with pytest.raises(ValueError, match=r"`validation_prompts` \(.*\) shares 8 prompt\(s\) with `eval_prompts`"):
         Trainer(config(tmp_path, "validation_prompts=train/data/quickstart_eval_prompts.txt"))
     assert not (tmp_path / "run").exists()
+
+
+def test_validating_does_not_change_the_training(tmp_path):
+    """Validation draws from its own seeded generators: a run with it trains exactly as a run without."""
+    weights = []
+    for every in (0, 1):
+        trainer = Trainer(config(tmp_path / str(every), "iterations=3", f"validate_every={every}"))
+        trainer.train_loop()
+        weights.append(trainer.trained_state()["weights"])
+        trainer.accelerator.end_training()
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    for part in ("unet", "expander"):
+        for name, value in weights[0][part].items():
+            torch.testing.assert_close(weights[1][part][name], value, rtol=0, atol=0)
