@@ -28,7 +28,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -51,6 +51,8 @@ CARD_FILE = "README.md"
 GALLERY_FOLDER = "samples"
 CARD_EXTRA_MARKER = "<!-- parrot: extra sections -->"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# What a bundle downloads from the Hub: the files of the layout above (samples/ and anything else stay behind).
+BUNDLE_FILES = [CONFIG_NAME, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, f"{EXPANDER_FOLDER}/*", PIPELINE_FILE, CARD_FILE]
 UNET_PREFIX = "unet."
 METHODS = ("parrot", "dpok", "ddpo", "rpo")
 METHOD_DESCRIPTIONS = {  # the model card's one-line description of each training method
@@ -302,19 +304,15 @@ class Bundle:
 
 def read_bundle(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Bundle:
     """Read and validate a bundle folder or Hub repo. Weight files in pickle formats are refused, never opened."""
-    folder = local_folder(path_or_repo_id, what="Parrot bundle", **hub_kwargs)
     source = repr(str(path_or_repo_id))
+    folder = local_folder(path_or_repo_id, what="Parrot bundle", allow_patterns=BUNDLE_FILES,
+                          check_files=lambda files: _refuse_pickles(files, source), **hub_kwargs)  # fmt: skip
     if not (folder / CONFIG_NAME).is_file():
         raise ValueError(
             f"{source} is not a Parrot bundle: it has no {CONFIG_NAME}. A bundle is written by "
             f"`save_parrot_weights` or by training; for a plain LoRA use `load_lora_weights`."
         )
-    pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickled:
-        raise ValueError(
-            f"Bundle {source} holds weight files in a pickle format {pickled}; bundles must use .safetensors only "
-            "(pickle files can run code when opened, so they are not read)."
-        )
+    _refuse_pickles([str(p.relative_to(folder)) for p in folder.rglob("*")], source)
     config = ParrotConfig.load(folder / CONFIG_NAME)
     if not (folder / LORA_WEIGHT_NAME).is_file():
         raise ValueError(f"Bundle {source} has no {LORA_WEIGHT_NAME}.")
@@ -325,6 +323,16 @@ def read_bundle(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Bundle:
         str(folder), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True
     )
     return Bundle(folder, config, state_dict, _lora_metadata_for_installed_peft(metadata, source))
+
+
+def _refuse_pickles(files: list[str], source: str) -> None:
+    """A bundle's files must all be safetensors or text: weight files in a pickle format are refused by name."""
+    pickled = sorted(name for name in files if Path(name).suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"Bundle {source} holds weight files in a pickle format {pickled}; bundles must use .safetensors only "
+            "(pickle files can run code when opened, so they are not read)."
+        )
 
 
 def _lora_metadata_for_installed_peft(metadata: dict | None, source: str) -> dict | None:
@@ -540,9 +548,11 @@ def push_bundle_to_hub(
     """
     bundle = read_bundle(folder)
     validate_repo_id(repo_id)  # before the card names it
-    write_model_card(bundle.folder, bundle.config, repo_id=repo_id, extra_sections=_card_extra(bundle.folder))
+    with tempfile.TemporaryDirectory() as scratch:  # the card that names the repo; the bundle folder stays as it is
+        write_model_card(scratch, bundle.config, repo_id=repo_id, extra_sections=_card_extra(bundle.folder))
+        card = (Path(scratch) / CARD_FILE).read_bytes()
     return upload_folder_to_hub(bundle.folder, repo_id, private=private, token=token, commit_message=commit_message,
-                                attempts=attempts, retry_wait=retry_wait)  # fmt: skip
+                                attempts=attempts, retry_wait=retry_wait, replacing={CARD_FILE: card})  # fmt: skip
 
 
 def upload_folder_to_hub(
@@ -554,15 +564,25 @@ def upload_folder_to_hub(
     commit_message: str = "Upload model",
     attempts: int = 3,
     retry_wait: float = 5.0,
+    replacing: dict[str, bytes] | None = None,
 ) -> str:
-    """Upload a folder to a Hub model repo (created if needed) with :func:`push_bundle_to_hub`'s retries; returns
-    the commit URL."""
+    """Upload a folder to a Hub model repo (created if needed), in one commit, with :func:`push_bundle_to_hub`'s
+    retries; returns the commit URL. ``replacing`` maps paths in the repo to the content they get instead of the
+    folder's file (the folder itself is only read)."""
     validate_repo_id(repo_id)
+    replacing = replacing or {}
+    folder = Path(folder)
+    files = {file.relative_to(folder).as_posix(): file for file in sorted(folder.rglob("*")) if file.is_file()}
     api = HfApi(token=token)
     for attempt in range(1, attempts + 1):
+        # fresh operations for each attempt: an attempt records its upload state in them
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(file))
+                      for name, file in files.items() if name not in replacing]  # fmt: skip
+        operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in replacing.items()]
         try:
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=commit_message)
+            commit = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                                       commit_message=commit_message)  # fmt: skip
             return str(commit.commit_url)
         except Exception as error:
             status = getattr(getattr(error, "response", None), "status_code", None)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 
@@ -18,16 +19,25 @@ def local_folder(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    check_files: Callable[[list[str]], None] | None = None,
 ) -> Path:
     """Return ``path_or_repo_id`` itself when it is a local folder, else its Hub snapshot (downloaded or cached).
 
-    ``what`` names the thing for error messages ("Parrot bundle", "expander").
+    ``what`` names the thing for error messages ("Parrot bundle", "expander"). ``check_files`` is given the repo's
+    file list before anything is downloaded, and raises to refuse the repo.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{what} {str(path_or_repo_id)!r} is a file; expected a folder or a Hub repo id.")
+    if check_files is not None and not (local_files_only or constants.HF_HUB_OFFLINE):
+        try:
+            files = HfApi(token=token).list_repo_files(str(path_or_repo_id), revision=revision)
+        except Exception:  # noqa: BLE001  (offline, unreachable, no such repo: the download below says which)
+            files = None
+        if files is not None:
+            check_files(files)
     try:
         return Path(
             snapshot_download(

@@ -1,11 +1,13 @@
 """A stand-in for the Hugging Face Hub's HTTP API on loopback: the endpoints ``HfApi.create_repo`` and
-``HfApi.upload_folder`` use for small ("regular") files, in huggingface_hub 0.x and later. Tests point ``huggingface_hub`` at it, so the real client
-code, HTTP included, runs without a network. ``failures[path]`` lists the error statuses the next requests to
-``path`` answer."""
+``HfApi.upload_folder`` use for small ("regular") files, and those of listing a repo's files and downloading them
+(``list_repo_files``, ``snapshot_download``), in huggingface_hub 0.x and later. Tests point ``huggingface_hub`` at
+it, so the real client code, HTTP included, runs without a network. ``failures[path]`` lists the error statuses the
+next requests to ``path`` answer; ``repos[repo_id]["files"]`` is what a repo holds."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import threading
@@ -25,6 +27,9 @@ class HubStandIn:
 
             def do_GET(self):
                 standin.handle(self, "GET")
+
+            def do_HEAD(self):
+                standin.handle(self, "HEAD")
 
             def do_POST(self):
                 standin.handle(self, "POST")
@@ -57,7 +62,20 @@ class HubStandIn:
         if method == "POST" and path == "/api/validate-yaml":  # the client checks the model card's metadata
             return self.reply(request, 200, {})
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path):  # huggingface_hub 0.x asks
-            return self.reply(request, 200, {"id": match.group(1), "sha": "0" * 40, "xetEnabled": False})  # for Xet
+            files = self.repos.get(match.group(1), {"files": {}})["files"]  # for Xet before an upload
+            return self.reply(request, 200, {"id": match.group(1), "sha": "0" * 40, "xetEnabled": False,
+                                             "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
+        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
+            files = self.repos[match.group(1)]["files"]
+            entries = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                       for name, data in sorted(files.items())]  # fmt: skip
+            return self.reply(request, 200, entries)
+        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+            data = self.repos[match.group(1)]["files"].get(match.group(3))
+            if data is None:
+                return self.reply(request, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+            headers = {"X-Repo-Commit": "0" * 40, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            return self.reply(request, 200, data, headers)
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
             files = json.loads(body)["files"]
             modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
@@ -73,10 +91,14 @@ class HubStandIn:
         return self.reply(request, 404, {"error": f"the stand-in does not serve {method} {path}"})
 
     @staticmethod
-    def reply(request: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def reply(request: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None) -> None:
+        """Answer with ``payload`` (JSON, or bytes as they are) and ``headers``; no body for a HEAD request."""
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         request.send_response(status)
-        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json")
         request.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            request.send_header(name, value)
         request.end_headers()
-        request.wfile.write(data)
+        if request.command != "HEAD":
+            request.wfile.write(data)

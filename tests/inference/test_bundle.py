@@ -1,6 +1,7 @@
 """The Parrot bundle: round trips, stock diffusers loading, the kohya copy, the custom-pipeline route, the Hub."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,11 +181,14 @@ def test_push_bundle_to_hub_uploads_through_the_real_client_and_retries_server_e
 
     folder = tmp_path / "to-push"
     shutil.copytree(bundle_dir, folder)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     with HubStandIn() as hub:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
         hub.failures["/api/models/me/parrot/commit/main"] = [503]  # the first commit fails: the upload is retried
         url = bundle_module.push_bundle_to_hub(folder, "me/parrot", private=True, token="hf_secret", retry_wait=0.01)
     assert url.startswith(f"{hub.endpoint}/me/parrot/commit/")
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before, "the pushed folder (maybe a Hub cache snapshot) is only read"
     repo = hub.repos["me/parrot"]
     assert repo["private"] is True
     assert set(repo["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
@@ -195,6 +199,51 @@ def test_push_bundle_to_hub_uploads_through_the_real_client_and_retries_server_e
     assert len(commits) == 2, "one failed commit, one retried"
     api_calls = [headers for _, path, headers in hub.requests if "/me/parrot/" in path or path == "/api/repos/create"]
     assert all(headers["authorization"] == "Bearer hf_secret" for headers in api_calls)
+
+
+@pytest.fixture
+def hub_download(monkeypatch, tmp_path):
+    """The Hub stand-in for downloads, with an empty cache of its own."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    from ..hub_standin import HubStandIn
+
+    with HubStandIn() as hub:
+        template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        # huggingface_hub before 0.35 reads the template from its own import of it
+        monkeypatch.setattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        hub.cache = tmp_path / "hub-cache"
+        yield hub
+
+
+def hosted(hub, repo_id: str, folder: Path, extra: dict[str, bytes] = {}) -> None:  # noqa: B006
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    hub.repos[repo_id] = {"private": False, "files": {**files, **extra}}
+
+
+def downloads(hub) -> set[str]:
+    return {path.split("/resolve/")[1].split("/", 1)[1] for _, path, _ in hub.requests if "/resolve/" in path}
+
+
+def test_a_hub_bundle_downloads_only_the_files_of_a_bundle(hub_download, bundle_dir):
+    hosted(hub_download, "me/parrot", bundle_dir, {"samples/big.png": b"x" * 1000, "notes/training.log": b"log"})
+    bundle = read_bundle("me/parrot", cache_dir=hub_download.cache)
+    assert bundle.config.reward_names == read_bundle(bundle_dir).config.reward_names
+    expected = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
+    expected = {name for name in expected if not name.startswith("samples/")}
+    assert downloads(hub_download) == expected
+
+
+def test_a_hub_bundle_with_a_pickle_is_refused_before_anything_downloads(hub_download, bundle_dir):
+    hosted(hub_download, "me/pickled", bundle_dir, {"expander/adapter_model.bin": b"pickle"})
+    with pytest.raises(ValueError, match=r"holds weight files in a pickle format \['expander/adapter_model.bin'\]"):
+        read_bundle("me/pickled", cache_dir=hub_download.cache)
+    assert downloads(hub_download) == set()
 
 
 def test_push_bundle_to_hub_does_not_retry_a_refused_token(bundle_dir, tmp_path, monkeypatch):
