@@ -10,6 +10,8 @@ The arms and their settings are fixed here, before anything runs:
 | parrot | Parrot as the paper: identifiers, expander, Pareto front per identifier, raw rewards |
 | parrot-normalised | the same with batch-normalised advantages (the quickstart's) |
 | parrot-no-expansion | Pareto selection and identifiers alone, no expander (isolates the selection) |
+| parrot-ppo | added after the first seeds: Parrot on ddpo-equal's update schedule (per-prompt advantages, PPO clip 1e-4,
+  minibatches of 8, one optimiser step each), so that only the selection, the identifiers and the expander differ |
 | ddpo-equal | weighted sum with PPO (clip 1e-4, per-prompt advantages, 3 optimiser steps per iteration), weights
   1 / (K · std_k) from the base model's held-out spread: every reward counts equally |
 | ddpo-skewed-1, ddpo-skewed-2 | the same with weights (0.7, 0.15, 0.15) and (0.15, 0.7, 0.15) over the spreads (the
@@ -28,8 +30,8 @@ reward k rises when ĉ carries only ``<reward k>`` rather than all of them.
     python bench/pareto_vs_weighted.py --seeds 2 3 4 --arms parrot ddpo-equal --json shard-b.json
     python bench/pareto_vs_weighted.py --merge shard-a.json shard-b.json         # the tables over every shard
 
-A shard holds whole seeds (the base model and the arms it ran); merged shards give one table per arm, paired by
-seed. The exit code is 0 whatever the outcome: this is a report, not a test.
+A shard holds whole seeds: the base model's and each arm's held-out reward matrices. Merged shards give one table per
+arm, paired by seed; a seed run in two shards (other arms) is one seed, every arm rescaled on its shared scale. The exit code is 0 whatever the outcome: this is a report, not a test.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ ARMS = {
     "parrot": [f"images_per_prompt={N}", "advantage=raw"],
     "parrot-normalised": [f"images_per_prompt={N}", "advantage=batch"],
     "parrot-no-expansion": [f"images_per_prompt={N}", "advantage=batch", "expander_model=null"],
+    "parrot-ppo": [f"images_per_prompt={N}", "advantage=per_prompt", "clip_range=1.0e-4", "train_batch_size=8",
+                   "gradient_accumulation_steps=1"],
     "ddpo-equal": ["mode=ddpo", *WEIGHTED, "advantage=per_prompt", "clip_range=1.0e-4", "train_batch_size=8",
                    "gradient_accumulation_steps=1"],
     "ddpo-skewed-1": ["mode=ddpo", *WEIGHTED, "advantage=per_prompt", "clip_range=1.0e-4", "train_batch_size=8",
@@ -95,7 +99,7 @@ def train_arm(arm: str, seed: int, iterations: int, scratch: Path, spread: torch
 
 
 def run_seed(seed: int, arms: list[str], iterations: int, scratch: Path) -> dict:
-    """The base model and each arm on one seed, on the seed's shared scale."""
+    """The base model and each arm on one seed: their held-out reward matrices and each arm's cost."""
     base_trainer = Trainer(load_config(PRESET, [*COMMON, *WEIGHTED, "mode=ddpo", f"seed={seed}",
                                                 f"output_dir={scratch / 'base'}"]))  # fmt: skip
     base = base_trainer.eval_rewards(trained=False)
@@ -104,23 +108,53 @@ def run_seed(seed: int, arms: list[str], iterations: int, scratch: Path) -> dict
     AcceleratorState._reset_state(reset_partial_state=True)
     spread = base.std(dim=0).clamp(min=1e-12)
     trained = {arm: train_arm(arm, seed, iterations, scratch / f"seed{seed}", spread) for arm in arms}
-    shared = compare_reward_sets({"base": base, **{arm: trained[arm]["rewards"] for arm in arms}}, REWARDS)
-    record = {"seed": seed, "base": shared["base"], "arms": {}}
-    for arm in arms:
+    raw = {"seed": seed, "base_rewards": base.tolist(), "arms": {}}
+    for arm, result in trained.items():
+        raw["arms"][arm] = {**result, "rewards": result["rewards"].tolist()}
+        if "single_identifier" in result:
+            raw["arms"][arm]["single_identifier"] = [matrix.tolist() for matrix in result["single_identifier"]]
+    return raw
+
+
+def summarise(raw: dict) -> dict:
+    """One seed's figures, every arm on the seed's shared scale (the base and all its arms)."""
+    base = torch.tensor(raw["base_rewards"])
+    matrices = {arm: torch.tensor(entry["rewards"]) for arm, entry in raw["arms"].items()}
+    shared = compare_reward_sets({"base": base, **matrices}, REWARDS)
+    record = {"seed": raw["seed"], "base": shared["base"], "arms": {}}
+    for arm, entry in raw["arms"].items():
         means = shared[arm]["means"]
         change = {name: means[name] - shared["base"]["means"][name] for name in REWARDS}
-        entry = {
+        summary = {
             "means": means, "change": change, "collapsed": sum(value < 0 for value in change.values()),
-            "hypervolume": shared[arm]["hypervolume"], "train_seconds": trained[arm]["train_seconds"],
-            "backpropagated_fraction": trained[arm]["backpropagated_fraction"],
+            "hypervolume": shared[arm]["hypervolume"], "train_seconds": entry["train_seconds"],
+            "backpropagated_fraction": entry["backpropagated_fraction"],
         }  # fmt: skip
-        if "single_identifier" in trained[arm]:
-            all_ids = trained[arm]["rewards"].nanmean(dim=0)
-            alone = [matrix.nanmean(dim=0)[k].item() for k, matrix in enumerate(trained[arm]["single_identifier"])]
-            entry["single_identifier"] = {name: {"alone": alone[k], "all": all_ids[k].item()}
-                                          for k, name in enumerate(REWARDS)}  # fmt: skip
-        record["arms"][arm] = entry
+        if "single_identifier" in entry:
+            all_ids = matrices[arm].nanmean(dim=0)
+            alone = [torch.tensor(m).nanmean(dim=0)[k].item() for k, m in enumerate(entry["single_identifier"])]
+            summary["single_identifier"] = {name: {"alone": alone[k], "all": all_ids[k].item()}
+                                            for k, name in enumerate(REWARDS)}  # fmt: skip
+        record["arms"][arm] = summary
     return record
+
+
+def merge(shards: list[dict]) -> list[dict]:
+    """The seeds of every shard; a seed run in several shards (other arms) is one seed, all its arms on one scale.
+    Shards written before the script kept the reward matrices hold their figures already summarised."""
+    by_seed: dict[int, dict] = {}
+    for record in (record for shard in shards for record in shard["seeds"]):
+        if "base_rewards" not in record:  # summarised already: stands alone
+            if record["seed"] in by_seed:
+                raise SystemExit(f"seed {record['seed']} is in two shards, one without reward matrices: rerun it")
+            by_seed[record["seed"]] = record
+            continue
+        known = by_seed.setdefault(record["seed"], {"seed": record["seed"], "base_rewards": record["base_rewards"],
+                                                    "arms": {}})  # fmt: skip
+        if "base_rewards" not in known or known["base_rewards"] != record["base_rewards"]:
+            raise SystemExit(f"seed {record['seed']}: the shards disagree on the base model's rewards")
+        known["arms"].update(record["arms"])
+    return [record if "base_rewards" not in record else summarise(record) for _, record in sorted(by_seed.items())]
 
 
 def spread_of(values: list[float]) -> str:
@@ -166,18 +200,18 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="report over these shards instead of training")
     args = parser.parse_args()
     if args.merge:
-        seeds = [record for path in args.merge for record in json.loads(path.read_text())["seeds"]]
-        return report(sorted(seeds, key=lambda record: record["seed"]))
+        return report(merge([json.loads(path.read_text()) for path in args.merge]))
     iterations = args.iterations or load_config(PRESET).iterations
     seeds = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
             seeds.append(run_seed(seed, args.arms, iterations, Path(scratch)))
             if args.json:
-                args.json.write_text(json.dumps({"iterations": iterations, "seeds": seeds}, indent=1) + "\n")
-            print(f"seed {seed} done: " + ", ".join(f"{a} HV {e['hypervolume']:.3f}" for a, e in seeds[-1]["arms"].items()),
+                args.json.write_text(json.dumps({"iterations": iterations, "seeds": seeds}) + "\n")
+            summary = summarise(seeds[-1])
+            print(f"seed {seed} done: " + ", ".join(f"{a} HV {e['hypervolume']:.3f}" for a, e in summary["arms"].items()),
                   flush=True)  # fmt: skip
-    report(seeds)
+    report([summarise(raw) for raw in seeds])
 
 
 if __name__ == "__main__":
